@@ -339,14 +339,7 @@ def sandbox_ids_present() -> set[str]:
 
 def addresses_in_use() -> set[IPv4Address]:
     """Every IPv4 address on any interface of this namespace, sandbox host ends included."""
-    found: set[IPv4Address] = set()
-    with IPRoute() as ipr:
-        for msg in ipr.addr("dump", family=socket.AF_INET):
-            for key in ("local", "address"):
-                value = msg.get(key)
-                if value:
-                    found.add(IPv4Address(value))
-    return found
+    return {IPv4Address(packed) for _ifname, packed in syscalls.ipv4_addresses()}
 
 
 def run_in_netns(netns: str, fn: Callable[[], T]) -> T:
