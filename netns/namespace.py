@@ -8,10 +8,13 @@ The shape follows containernetworking/plugins' ptp: one veth per sandbox, no bri
 an on-link /31 and nothing else. The sandbox has no default route, so the only
 place it can send to is the host end, which is its gateway.
 
-All netlink work is in-process (pyroute2 IPRoute over a socket opened in the right
-namespace). pyroute2's own netns helpers (netns.create, IPRoute(netns=...)) fork a
-helper process per call, so they are not used: a short-lived thread joins or creates
-the namespace instead, because setns/unshare(CLONE_NEWNET) only move the calling thread.
+All netlink work is in-process, through rtnl.RtnlSocket: plain blocking request/ack
+on a NETLINK_ROUTE socket, with pyroute2's message classes encoding the requests.
+(pyroute2's IPRoute runs an asyncio loop per request and starts helper threads; its
+netns helpers fork a process per call.) setns/unshare(CLONE_NEWNET) only move the
+calling thread, so one short-lived thread creates the namespace, configures what only
+/proc/sys can, and opens a netlink socket there; a socket keeps the namespace it was
+opened in, so the sandbox end is then configured from the caller's thread.
 
 Reuse after teardown. The kernel frees a network namespace asynchronously (cleanup_net
 runs on a workqueue), and whatever devices are still inside go with it, later. So
@@ -39,9 +42,6 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import TypeVar
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from . import syscalls
 from .addressing import (
     IFNAME_PREFIX,
@@ -51,27 +51,29 @@ from .addressing import (
     is_sandbox_id,
     netns_name,
 )
+from .rtnl import LOOPBACK_IFINDEX, RtnlSocket
 
 T = TypeVar("T")
 
 NETNS_DIR = "/run/netns"
 SANDBOX_IFNAME = "eth0"
 
-# Per-interface IPv4 sysctls on the host end. rp_filter=1 (strict) drops anything
-# whose source would not be routed back out of this very interface, i.e. anything but
-# the sandbox's own /31 (the effective value is max(all, interface), so this holds
-# whatever conf.all says). forwarding=0 makes the kernel refuse to route packets that
-# arrive here even if someone turns ip_forward on later (until they toggle it again,
-# which rewrites every interface); sandgate itself never enables forwarding.
-HOST_END_IPV4_SYSCTLS: tuple[tuple[str, str], ...] = (
-    ("rp_filter", "1"),
-    ("forwarding", "0"),
-    ("accept_local", "0"),
-    ("route_localnet", "0"),
-    ("proxy_arp", "0"),
-    ("accept_redirects", "0"),
-    ("send_redirects", "0"),
-    ("accept_source_route", "0"),
+# Per-interface IPv4 settings on the host end (net/ipv4/conf/sg<id>/*, set in one
+# netlink request rather than eight /proc/sys writes). rp_filter=1 (strict) drops
+# anything whose source would not be routed back out of this very interface, i.e.
+# anything but the sandbox's own /31 (the effective value is max(all, interface), so
+# this holds whatever conf.all says). forwarding=0 makes the kernel refuse to route
+# packets that arrive here even if someone turns ip_forward on later (until they toggle
+# it again, which rewrites every interface); sandgate itself never enables forwarding.
+HOST_END_IPV4_SYSCTLS: tuple[tuple[str, int], ...] = (
+    ("rp_filter", 1),
+    ("forwarding", 0),
+    ("accept_local", 0),
+    ("route_localnet", 0),
+    ("proxy_arp", 0),
+    ("accept_redirects", 0),
+    ("send_redirects", 0),
+    ("accept_source_route", 0),
 )
 
 # Written in the new namespace before eth0 exists, so eth0 is born with IPv6 off
@@ -156,8 +158,9 @@ def _ensure_netns_dir() -> None:
         syscalls.mount("", NETNS_DIR, "none", syscalls.MS_SHARED | syscalls.MS_REC)
 
 
-def _create_netns(name: str) -> None:
-    """Create the named namespace `/run/netns/<name>` and switch IPv6 off inside it.
+def _create_netns(name: str) -> RtnlSocket:
+    """Create the named namespace `/run/netns/<name>`, switch IPv6 off inside it and
+    return a netlink socket in it (the caller closes it).
 
     Raises FileExistsError if the name is taken; on any other failure nothing is left.
     """
@@ -165,15 +168,16 @@ def _create_netns(name: str) -> None:
     _ensure_netns_dir()
     os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
 
-    def unshare_and_bind() -> None:
+    def unshare_and_bind() -> RtnlSocket:
         syscalls.unshare(syscalls.CLONE_NEWNET)
         syscalls.mount("/proc/thread-self/ns/net", path, "none", syscalls.MS_BIND)
         if _ipv6_present():
             for relpath in SANDBOX_IPV6_SYSCTLS:
                 _write_sysctl(relpath, "1")
+        return RtnlSocket()
 
     try:
-        _in_thread(unshare_and_bind)
+        return _in_thread(unshare_and_bind)
     except BaseException:
         _remove_netns(name)
         raise
@@ -191,41 +195,33 @@ def _remove_netns(name: str) -> None:
         os.unlink(path)
 
 
-def _delete_link(ipr: IPRoute, ifname: str) -> None:
-    """Delete a link by name in ipr's namespace; a missing link is fine."""
+def _link_index(rtnl: RtnlSocket, ifname: str) -> int:
     try:
-        ipr.link("del", ifname=ifname)
-    except NetlinkError as exc:
-        if exc.code != errno.ENODEV:
-            raise
+        return rtnl.link_index(ifname)
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            raise NetnsError(f"interface {ifname} vanished while it was being configured") from exc
+        raise
 
 
-def _link_index(ipr: IPRoute, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise NetnsError(f"interface {ifname} vanished while it was being configured")
-    return found[0]
-
-
-def _configure_host_end(ipr: IPRoute, ifname: str, address: SandboxAddress) -> None:
-    # Sysctls before the link goes up: it never runs a moment with IPv6 or loose rp_filter.
+def _configure_host_end(host: RtnlSocket, ifname: str, address: SandboxAddress) -> None:
+    # Settings before the link goes up: it never runs a moment with IPv6 or loose
+    # rp_filter. IPv6's per-interface settings can only be written through /proc/sys.
     if _ipv6_present():
         _write_sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6", "1")
-    for key, value in HOST_END_IPV4_SYSCTLS:
-        _write_sysctl(f"net/ipv4/conf/{ifname}/{key}", value)
-    index = _link_index(ipr, ifname)
-    ipr.addr("add", index=index, address=str(address.host), prefixlen=address.prefixlen)
-    ipr.link("set", index=index, state="up")
+    index = _link_index(host, ifname)
+    host.set_ipv4_devconf(index, dict(HOST_END_IPV4_SYSCTLS))
+    host.add_ipv4_address(index, address.host, address.prefixlen)
+    host.set_up(index)
 
 
-def _configure_sandbox_end(address: SandboxAddress) -> None:
-    """Inside the netns: lo up, eth0 with the odd address, up. The kernel adds the
-    on-link /31 route for the address; no other route is ever added."""
-    with IPRoute() as ipr:
-        ipr.link("set", ifname="lo", state="up")
-        index = _link_index(ipr, SANDBOX_IFNAME)
-        ipr.addr("add", index=index, address=str(address.sandbox), prefixlen=address.prefixlen)
-        ipr.link("set", index=index, state="up")
+def _configure_sandbox_end(inside: RtnlSocket, address: SandboxAddress) -> None:
+    """Through a socket in the netns: lo up, eth0 with the odd address, up. The kernel
+    adds the on-link /31 route for the address; no other route is ever added."""
+    inside.set_up(LOOPBACK_IFINDEX)
+    index = _link_index(inside, SANDBOX_IFNAME)
+    inside.add_ipv4_address(index, address.sandbox, address.prefixlen)
+    inside.set_up(index)
 
 
 # --- public API ---------------------------------------------------------------------
@@ -251,21 +247,16 @@ def create_network(sandbox_id: str, address: SandboxAddress) -> SandboxNetwork:
     with ExitStack() as undo:
         try:
             try:
-                _create_netns(net.netns)
+                inside = _create_netns(net.netns)
             except FileExistsError as exc:
                 raise NetnsError(f"{net.netns_path} already exists") from exc
             undo.callback(_remove_netns, net.netns)
 
-            with IPRoute() as ipr:
+            with inside, RtnlSocket() as host:
                 step = f"create veth {net.host_ifname} <-> {net.netns}:{SANDBOX_IFNAME}"
                 ns_fd = os.open(net.netns_path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    ipr.link(
-                        "add",
-                        ifname=net.host_ifname,
-                        kind="veth",
-                        peer={"ifname": SANDBOX_IFNAME, "net_ns_fd": ns_fd},
-                    )
+                    host.create_veth(net.host_ifname, SANDBOX_IFNAME, ns_fd)
                 finally:
                     os.close(ns_fd)
                 # Runs before the netns removal above (ExitStack is LIFO): the veth goes
@@ -273,12 +264,13 @@ def create_network(sandbox_id: str, address: SandboxAddress) -> SandboxNetwork:
                 undo.callback(_delete_host_link, net.host_ifname)
 
                 step = f"configure host end {net.host_ifname} ({address.host}/{address.prefixlen})"
-                _configure_host_end(ipr, net.host_ifname, address)
+                _configure_host_end(host, net.host_ifname, address)
 
-            step = (
-                f"configure {SANDBOX_IFNAME} in {net.netns} ({address.sandbox}/{address.prefixlen})"
-            )
-            run_in_netns(net.netns, lambda: _configure_sandbox_end(address))
+                step = (
+                    f"configure {SANDBOX_IFNAME} in {net.netns} "
+                    f"({address.sandbox}/{address.prefixlen})"
+                )
+                _configure_sandbox_end(inside, address)
         except Exception as exc:
             cleanup_error: BaseException | None = None
             try:
@@ -294,8 +286,9 @@ def create_network(sandbox_id: str, address: SandboxAddress) -> SandboxNetwork:
 
 
 def _delete_host_link(ifname: str) -> None:
-    with IPRoute() as ipr:
-        _delete_link(ipr, ifname)
+    """Delete a link by name in this namespace; a missing link is fine."""
+    with RtnlSocket() as host:
+        host.delete_link(ifname)
 
 
 def destroy_network(sandbox_id: str) -> None:
@@ -308,7 +301,7 @@ def destroy_network(sandbox_id: str) -> None:
     ifname = host_ifname(sandbox_id)
     try:
         _delete_host_link(ifname)
-    except (NetlinkError, OSError) as exc:
+    except OSError as exc:
         raise NetnsError(f"sandbox {sandbox_id}: delete veth {ifname} failed: {exc}") from exc
     try:
         _remove_netns(netns)

@@ -21,10 +21,12 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from netns import namespace
 from netns.addressing import SandboxAddress, allocate, new_sandbox_id
 from netns.namespace import NetnsError, SandboxNetwork
+from netns.rtnl import IPV4_DEVCONF_IDS, LOOPBACK_IFINDEX, RtnlSocket, parse_ack
 from tests.nsutil import scratch_netns
 
 pytestmark = pytest.mark.root
@@ -132,25 +134,30 @@ def test_create_builds_the_documented_shape(net: SandboxNetwork) -> None:
     (host,) = ip_json("-d", "addr", "show", "dev", net.host_ifname)
     assert host["linkinfo"]["info_kind"] == "veth"
     assert "master" not in host
+    assert (host["num_tx_queues"], host["num_rx_queues"]) == (1, 1)
     assert "UP" in host["flags"]
     assert [(a["family"], a["local"], a["prefixlen"]) for a in host["addr_info"]] == [
         ("inet", str(addr.host), 31)
     ]
-    # Host end sysctls.
+    # Host end sysctls (set through netlink; read back through /proc/sys).
     conf4 = f"net/ipv4/conf/{net.host_ifname}"
     assert read_sysctl(f"{conf4}/rp_filter") == "1"
     assert read_sysctl(f"{conf4}/forwarding") == "0"
     assert read_sysctl(f"{conf4}/accept_local") == "0"
     assert read_sysctl(f"{conf4}/route_localnet") == "0"
     assert read_sysctl(f"{conf4}/proxy_arp") == "0"
+    assert read_sysctl(f"{conf4}/accept_redirects") == "0"
+    assert read_sysctl(f"{conf4}/send_redirects") == "0"
+    assert read_sysctl(f"{conf4}/accept_source_route") == "0"
     assert read_sysctl(f"net/ipv6/conf/{net.host_ifname}/disable_ipv6") == "1"
     assert read_sysctl("net/ipv4/ip_forward") == "0"
     # The host's own IPv6 settings are untouched: the netns writes landed in the netns.
     assert read_sysctl("net/ipv6/conf/all/disable_ipv6") == "0"
 
     # Inside: exactly lo and eth0, both up; eth0 holds sandbox/31; no IPv6 at all.
-    links = {link["ifname"]: link for link in ip_json("-n", net.netns, "addr")}
+    links = {link["ifname"]: link for link in ip_json("-n", net.netns, "-d", "addr")}
     assert set(links) == {"lo", "eth0"}
+    assert (links["eth0"]["num_tx_queues"], links["eth0"]["num_rx_queues"]) == (1, 1)
     assert "UP" in links["lo"]["flags"] and "UP" in links["eth0"]["flags"]
     assert [(a["family"], a["local"], a["prefixlen"]) for a in links["eth0"]["addr_info"]] == [
         ("inet", str(addr.sandbox), 31)
@@ -256,7 +263,7 @@ def test_create_refuses_an_existing_netns_and_leaves_it_alone() -> None:
 def test_failure_inside_the_netns_rolls_back_veth_and_netns(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def broken(address: SandboxAddress) -> None:
+    def broken(inside: RtnlSocket, address: SandboxAddress) -> None:
         raise OSError(errno.EIO, "injected failure")
 
     monkeypatch.setattr(namespace, "_configure_sandbox_end", broken)
@@ -360,3 +367,163 @@ def test_run_in_netns_refuses_paths_and_missing_names() -> None:
 
 
 # --- timing -------------------------------------------------------------------------
+
+
+def test_create_makes_one_thread_hop_and_leaves_no_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Creating the namespace is the only step that needs a thread of its own; the rest
+    is plain netlink requests from the caller's thread (pyroute2's IPRoute would add an
+    asyncio loop and helper threads to every request)."""
+    started: list[str] = []
+    real_start = threading.Thread.start
+
+    def counting_start(self: threading.Thread) -> None:
+        started.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    before = threading.active_count()
+    with sandbox_network():
+        assert started == ["sandgate-netns"]
+        assert threading.active_count() == before
+
+
+# --- rtnl: the netlink requests underneath -----------------------------------------
+
+
+def ack(seq: int, error: int, extack: bytes = b"", capped: bool = True) -> bytes:
+    """An NLMSG_ERROR message as the kernel sends it (nlmsgerr, then TLVs if any)."""
+    echoed = struct.pack("=IHHII", 16 if capped else 24, 16, 5, seq, 0)
+    if not capped:
+        echoed += b"\0" * 8  # the rest of the echoed request
+    tlvs = b""
+    if extack:
+        payload = extack + b"\0"
+        tlvs = struct.pack("=HH", 4 + len(payload), 1) + payload
+        tlvs += b"\0" * (-len(tlvs) % 4)
+    flags = (0x100 if capped else 0) | (0x200 if tlvs else 0)
+    body = struct.pack("=i", error) + echoed + tlvs
+    return struct.pack("=IHHII", 16 + len(body), 2, flags, seq, 4242) + body
+
+
+def test_parse_ack_reads_errno_and_the_kernels_message() -> None:
+    assert parse_ack(ack(7, 0), 7) == (0, "")
+    assert parse_ack(ack(7, -errno.EEXIST), 7) == (errno.EEXIST, "")
+    assert parse_ack(ack(7, -errno.EINVAL, b"ipv4: bad prefix"), 7) == (
+        errno.EINVAL,
+        "ipv4: bad prefix",
+    )
+    assert parse_ack(ack(7, -errno.EINVAL, b"uncapped", capped=False), 7) == (
+        errno.EINVAL,
+        "uncapped",
+    )
+    # Another request's ack, in front of ours or alone.
+    assert parse_ack(ack(6, -errno.ENODEV) + ack(7, 0), 7) == (0, "")
+    assert parse_ack(ack(6, 0), 7) is None
+    with pytest.raises(ValueError, match="malformed"):
+        parse_ack(ack(7, 0)[:-4], 7)
+    with pytest.raises(ValueError, match="malformed"):
+        parse_ack(struct.pack("=IHHII", 8, 2, 0, 7, 0), 7)
+
+
+def test_devconf_ids_are_the_kernels() -> None:
+    # pyroute2's dump layout of ipv4_devconf is the kernel's enum order: a second source.
+    names = ifinfmsg.af_spec_inet.inet.field_names
+    assert {name: names[index] for name, index in IPV4_DEVCONF_IDS.items()} == {
+        name: name for name in IPV4_DEVCONF_IDS
+    }
+    assert {key for key, _ in namespace.HOST_END_IPV4_SYSCTLS} <= IPV4_DEVCONF_IDS.keys()
+
+
+def test_rtnl_errors_are_oserrors_with_the_kernels_errno() -> None:
+    with scratch_netns() as name, namespace.run_in_netns(name, RtnlSocket) as rtnl:
+        with pytest.raises(OSError) as info:
+            rtnl.set_up(999_999)
+        assert info.value.errno == errno.ENODEV
+        assert "set ifindex 999999 up" in str(info.value)
+
+        rtnl.set_up(LOOPBACK_IFINDEX)
+        with pytest.raises(FileExistsError) as info:
+            rtnl.add_ipv4_address(LOOPBACK_IFINDEX, IPv4Address("127.0.0.1"), 8)
+        assert info.value.errno == errno.EEXIST
+        assert "add 127.0.0.1/8 to ifindex 1" in str(info.value)
+
+        own_fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with pytest.raises(FileExistsError):
+                rtnl.create_veth("lo", "eth0", own_fd)
+        finally:
+            os.close(own_fd)
+        assert rtnl.delete_link("nonexistent") is False
+        with pytest.raises(OSError) as info:
+            rtnl.link_index("nonexistent")
+        assert info.value.errno == errno.ENODEV
+        with pytest.raises(ValueError, match="invalid interface name"):
+            rtnl.link_index("sg" + "0" * 14)  # 16 bytes: the kernel would cut it
+        with pytest.raises(ValueError, match="unknown IPv4 interface settings: bogus"):
+            rtnl.set_ipv4_devconf(LOOPBACK_IFINDEX, {"bogus": 1})
+        # The socket still works after refusals: acks are matched by sequence.
+        assert rtnl.link_index("lo") == LOOPBACK_IFINDEX
+
+
+def test_rtnl_builds_a_veth_between_two_scratch_namespaces() -> None:
+    """A socket opened in a namespace works there from any thread; the requests build
+    a veth the same way create_network does, and delete it with both ends."""
+    settings = dict(namespace.HOST_END_IPV4_SYSCTLS)
+    # The opposite of every setting but forwarding (left alone: never turned on), so
+    # each one must really be written to read back right.
+    flipped = {key: 1 - value for key, value in settings.items() if key != "forwarding"}
+    with scratch_netns() as a, scratch_netns() as b:
+
+        def set_defaults(values: dict[str, int]) -> None:
+            for key, value in values.items():
+                with open(f"/proc/sys/net/ipv4/conf/default/{key}", "w") as f:
+                    f.write(str(value))
+
+        namespace.run_in_netns(a, lambda: set_defaults(flipped))
+        b_fd = os.open(f"/run/netns/{b}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with (
+                namespace.run_in_netns(a, RtnlSocket) as in_a,
+                namespace.run_in_netns(b, RtnlSocket) as in_b,
+            ):
+                in_a.create_veth("va", "vb", b_fd)
+                index = in_a.link_index("va")  # resolved in a, from this thread
+                assert not link_exists("va")
+
+                def conf(ifname: str) -> dict[str, str]:
+                    return {k: read_sysctl(f"net/ipv4/conf/{ifname}/{k}") for k in settings}
+
+                assert namespace.run_in_netns(a, lambda: conf("va")) == {
+                    **{k: str(v) for k, v in flipped.items()},
+                    "forwarding": "0",
+                }
+                in_a.set_ipv4_devconf(index, settings)
+                expected = {k: str(v) for k, v in settings.items()}
+                assert namespace.run_in_netns(a, lambda: conf("va")) == expected
+                # Marked as set for the device, as a sysctl write would: a change to
+                # the namespace's defaults no longer reaches it.
+                namespace.run_in_netns(a, lambda: set_defaults(flipped))
+                assert namespace.run_in_netns(a, lambda: conf("va")) == expected
+
+                in_a.add_ipv4_address(index, IPv4Address("10.213.255.254"), 31)
+                in_a.set_up(index)
+                vb = in_b.link_index("vb")
+                in_b.add_ipv4_address(vb, IPv4Address("10.213.255.255"), 31)
+                in_b.set_up(vb)
+                (link,) = ip_json("-n", a, "-d", "addr", "show", "dev", "va")
+                assert "UP" in link["flags"] and link["linkinfo"]["info_kind"] == "veth"
+                assert [
+                    (x["local"], x["prefixlen"]) for x in link["addr_info"] if x["family"] == "inet"
+                ] == [("10.213.255.254", 31)]
+                assert (link["num_tx_queues"], link["num_rx_queues"]) == (1, 1)
+                assert namespace.run_in_netns(b, lambda: icmp_echo(IPv4Address("10.213.255.254")))
+
+                assert in_a.delete_link("va") is True
+                # Acknowledged after unregistering: both ends are gone already.
+                assert ip_json("-n", a, "link", "show", "type", "veth") == []
+                assert ip_json("-n", b, "link", "show", "type", "veth") == []
+                assert in_a.delete_link("va") is False
+        finally:
+            os.close(b_fd)
