@@ -1,0 +1,474 @@
+"""The `sandgate` command line.
+
+Exit codes (docs/usage/commands.md is the reference):
+  run:   the command's own exit code; 128+N when a signal N ended it;
+         125 sandgate could not create the sandbox or start the command in it;
+         126 the command cannot be executed; 127 the command was not found.
+  other: 0 success; 1 the operation failed (the message says why); 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from .config import DEFAULT_GATEWAY_PORT, RunnerConfig
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_SANDGATE = 125
+
+VERSION = "0.1.0"
+
+
+class UsageError(Exception):
+    pass
+
+
+def _print_json(obj: object, stream=None) -> None:
+    stream = stream or sys.stdout
+    stream.write(json.dumps(obj, sort_keys=True) + "\n")
+    stream.flush()
+
+
+def _err(msg: str) -> None:
+    sys.stderr.write(f"sandgate: {msg}\n")
+    sys.stderr.flush()
+
+
+def _pool(text: str) -> IPv4Network:
+    from netns.addressing import AddressError, validate_pool
+
+    try:
+        pool = IPv4Network(text, strict=True)
+        validate_pool(pool)
+    except (ValueError, AddressError) as exc:
+        raise argparse.ArgumentTypeError(f"bad pool {text!r}: {exc}") from exc
+    return pool
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"bad port {text!r}: expected a number in 1..65535")
+    return port
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or "\0" in text:
+        raise argparse.ArgumentTypeError(f"bad --env {text!r}: expected KEY=VALUE")
+    return key, value
+
+
+def _config(args: argparse.Namespace) -> RunnerConfig:
+    return RunnerConfig(
+        pool=args.pool, gateway_port=args.gateway_port, state_dir=Path(args.state_dir)
+    )
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise PermissionError("this needs root (network namespaces and nftables); run it with sudo")
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .process import LaunchError, ProcessSpec, run_to_completion, sandbox_env
+    from .sandbox import SandboxError, SandboxSpec, create_sandbox, destroy_sandbox
+
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("run: no command given (usage: sandgate run [OPTIONS] -- CMD [ARG...])")
+    policy_name = _load_policy_name(args.policy)
+    try:
+        _require_root()
+    except PermissionError as exc:
+        _err(str(exc))
+        return EXIT_SANDGATE
+    config = _config(args)
+    started = time.monotonic()
+    try:
+        with _terminate_as_exception():
+            sandbox = create_sandbox(
+                config, SandboxSpec(policy_name=policy_name, command=tuple(argv))
+            )
+    except (SandboxError, Terminated) as exc:
+        _err(str(exc))
+        return EXIT_SANDGATE
+    result: dict = {
+        "id": sandbox.id,
+        "policy": policy_name,
+        "gateway": f"{sandbox.gateway[0]}:{sandbox.gateway[1]}",
+        "sandbox_addr": str(sandbox.network.address.sandbox),
+        "create_ms": sandbox.timings,
+    }
+    try:
+        spec = ProcessSpec(argv=tuple(argv), env=sandbox_env(dict(args.env), sandbox.id))
+        try:
+            code = run_to_completion(spec, sandbox.network.netns_path)
+        except LaunchError as exc:
+            _err(str(exc))
+            code = exc.exit_code
+        result["exit_code"] = code
+        if code > 128:
+            result["signal"] = code - 128
+    finally:
+        if args.keep:
+            result["kept"] = True
+            if not args.json:
+                _err(f"sandbox {sandbox.id} kept; remove it with: sandgate rm {sandbox.id}")
+        else:
+            try:
+                with _signals_deferred():
+                    result["destroy_ms"] = destroy_sandbox(config, sandbox.id)
+            except Exception as exc:
+                _err(
+                    f"removing sandbox {sandbox.id} failed: {exc}; retry: sandgate rm {sandbox.id}"
+                )
+                result["exit_code"] = EXIT_SANDGATE
+    result["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+    if args.json:
+        # stdout belongs to the command; the summary goes to stderr as one JSON line.
+        _print_json({"sandgate": "result", **result}, sys.stderr)
+    return result["exit_code"]
+
+
+class Terminated(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; nothing was left behind")
+
+
+@contextlib.contextmanager
+def _terminate_as_exception():
+    """While the sandbox is being built, SIGTERM/SIGHUP/SIGINT unwind it instead of killing us."""
+
+    def raise_terminated(signum: int, _frame: object) -> None:
+        raise Terminated(signum)
+
+    sigs = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    previous = {sig: signal.signal(sig, raise_terminated) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Teardown runs to the end: a second Ctrl-C must not leave half a sandbox."""
+    sigs = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _load_policy_name(path: str | None) -> str:
+    if path is None:
+        return "default"
+    from gateway.policy import PolicyError, load_policy
+
+    try:
+        return load_policy(path).name
+    except PolicyError as exc:
+        raise UsageError(f"invalid policy: {exc}") from exc
+    except OSError as exc:
+        raise UsageError(f"policy {path}: cannot read: {exc.strerror or exc}") from exc
+
+
+# --- rm / ls -----------------------------------------------------------------------------------
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from netns.addressing import is_sandbox_id
+
+    from .sandbox import destroy_sandbox, list_sandboxes
+
+    _require_root()
+    config = _config(args)
+    ids = list(args.ids)
+    if args.all:
+        ids = [s["id"] for s in list_sandboxes(config)]
+    if not ids:
+        raise UsageError("rm: name at least one sandbox id, or --all")
+    known = {s["id"] for s in list_sandboxes(config)}
+    status = EXIT_OK
+    results = []
+    for sid in ids:
+        if not is_sandbox_id(sid):
+            results.append({"id": sid, "removed": False, "error": "not a sandbox id"})
+            status = EXIT_FAILED
+            continue
+        if sid not in known:
+            results.append({"id": sid, "removed": False, "error": "no such sandbox"})
+            status = EXIT_FAILED
+            continue
+        try:
+            destroy_sandbox(config, sid)
+            results.append({"id": sid, "removed": True})
+        except Exception as exc:
+            results.append({"id": sid, "removed": False, "error": str(exc)})
+            status = EXIT_FAILED
+    if args.json:
+        _print_json(results)
+    else:
+        for r in results:
+            if r["removed"]:
+                print(r["id"])
+            else:
+                _err(f"rm {r['id']}: {r['error']}")
+    return status
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .sandbox import list_sandboxes
+
+    _require_root()
+    boxes = list_sandboxes(_config(args))
+    if args.json:
+        _print_json(boxes)
+        return EXIT_OK
+    print(f"{'ID':<10} {'ADDRESS':<15} {'GATEWAY':<21} {'POLICY':<12} {'AGE':>8}  COMMAND")
+    now = time.time()
+    for b in boxes:
+        if not b["recorded"]:
+            print(f"{b['id']:<10} (no record: left by a crash; `sandgate rm {b['id']}` removes it)")
+            continue
+        state = "" if b["in_kernel"] else " [gone from the kernel]"
+        age = f"{int(now - b['created_at'])}s"
+        gw = f"{b['gateway_addr']}:{b['gateway_port']}"
+        cmd = " ".join(b["command"])
+        print(
+            f"{b['id']:<10} {b['sandbox_addr']:<15} {gw:<21} {b['policy']:<12} {age:>8}"
+            f"  {cmd}{state}"
+        )
+    return EXIT_OK
+
+
+# --- doctor ------------------------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_checks
+
+    checks = run_checks(_config(args))
+    failed = [c for c in checks if c.status == "fail"]
+    if args.json:
+        _print_json(
+            {"ok": not failed, "checks": [c.to_json() for c in checks]},
+        )
+    else:
+        for c in checks:
+            mark = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "info": "info"}[c.status]
+            print(f"[{mark}] {c.name}: {c.detail}")
+            if c.fix and c.status in ("warn", "fail"):
+                print(f"        fix: {c.fix}")
+        print(
+            "this host can run sandboxes"
+            if not failed
+            else f"this host cannot run sandboxes: {len(failed)} check(s) failed"
+        )
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+# --- policy check ------------------------------------------------------------------------------
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from gateway.policy import PolicyError, load_policy, policy_summary
+
+    status = EXIT_OK
+    report = []
+    for path in args.files:
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            status = EXIT_FAILED
+            report.append({"file": path, "ok": False, "errors": [e.as_dict() for e in exc.errors]})
+            if not args.json:
+                _err(str(exc))
+            continue
+        except OSError as exc:
+            status = EXIT_FAILED
+            message = f"{path}: cannot read: {exc.strerror or exc}"
+            report.append({"file": path, "ok": False, "errors": [{"message": message}]})
+            if not args.json:
+                _err(message)
+            continue
+        summary = policy_summary(policy)
+        report.append({"file": path, "ok": True, "policy": summary})
+        if not args.json:
+            egress = summary["egress"]
+            print(
+                f"{path}: ok: policy {policy.name!r}, {len(egress['allow'])} allow rule(s), "
+                f"{len(egress['deny'])} deny rule(s), {len(summary['git']['repos'])} git repo(s)"
+            )
+    if args.json:
+        _print_json(report)
+    return status
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--state-dir",
+        default="/var/lib/sandgate",
+        metavar="DIR",
+        help="where sandbox records live (default: %(default)s)",
+    )
+    common.add_argument(
+        "--pool",
+        type=_pool,
+        default=IPv4Network("10.213.0.0/16"),
+        metavar="CIDR",
+        help="IPv4 pool each sandbox's /31 is taken from (default: %(default)s)",
+    )
+    common.add_argument(
+        "--gateway-port",
+        type=_port,
+        default=DEFAULT_GATEWAY_PORT,
+        metavar="PORT",
+        help="TCP port of the gateway on each sandbox's host end (default: %(default)s)",
+    )
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    parser = argparse.ArgumentParser(
+        prog="sandgate",
+        description=(
+            "Run untrusted code in a sandbox whose only way out is sandgate's gateway: "
+            "its own network namespace, a point-to-point veth, and nftables rules that "
+            "let it reach nothing but the gateway endpoint on the host end of that veth."
+        ),
+        epilog=(
+            "examples:\n"
+            "  sudo sandgate doctor                     check that this host can run sandboxes\n"
+            "  sudo sandgate run -- make test           run a command in a fresh sandbox\n"
+            "  sudo sandgate run --keep -- sh -c 'id'   keep the sandbox afterwards\n"
+            "  sudo sandgate ls                         list sandboxes\n"
+            "  sudo sandgate rm 1a2b3c4d                remove a kept sandbox\n"
+            "\nexit codes: see `sandgate run --help`; other commands: 0 ok, 1 failed, 2 usage."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sandgate {VERSION}")
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run a command in a new sandbox (no daemon needed)",
+        description=(
+            "Create a sandbox, run CMD in it with stdin/stdout/stderr passed through, "
+            "forward signals (Ctrl-C) to it, remove the sandbox, and exit with CMD's exit "
+            "code, like `docker run`. The built-in default policy allows no egress."
+        ),
+        epilog=(
+            "exit codes: CMD's own; 128+N if signal N ended it; 125 sandgate could not "
+            "create the sandbox or enter it; 126 CMD cannot be executed; 127 CMD not found.\n"
+            "With --json, a one-line JSON summary (id, exit_code, timings) goes to stderr; "
+            "stdout stays CMD's."
+        ),
+    )
+    run.add_argument("--policy", metavar="FILE", help="policy file (TOML); default: built-in")
+    run.add_argument("--keep", action="store_true", help="leave the sandbox for inspection")
+    run.add_argument(
+        "--env",
+        "-e",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set an environment variable for CMD (repeatable); CMD gets a small fixed "
+        "environment otherwise, never the caller's",
+    )
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    run.set_defaults(func=cmd_run)
+
+    rm = sub.add_parser(
+        "rm",
+        parents=[common],
+        help="remove sandboxes",
+        description="Remove sandboxes by id: their network namespace, veth, firewall "
+        "elements and records. Works from the kernel's own objects, so it also cleans "
+        "up after a crash.",
+    )
+    rm.add_argument("ids", nargs="*", metavar="ID")
+    rm.add_argument("--all", action="store_true", help="remove every sandbox on this host")
+    rm.set_defaults(func=cmd_rm)
+
+    ls = sub.add_parser("ls", parents=[common], help="list sandboxes")
+    ls.set_defaults(func=cmd_ls)
+
+    doctor = sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check that this host can run sandboxes",
+        description="Check kernel features, tools, permissions and the address pool; "
+        "print each missing piece with its fix. Exit 1 if this host cannot run sandboxes.",
+    )
+    doctor.set_defaults(func=cmd_doctor)
+
+    policy = sub.add_parser("policy", help="work with policy files")
+    policy_sub = policy.add_subparsers(dest="policy_command", metavar="ACTION")
+    check = policy_sub.add_parser(
+        "check",
+        help="validate policy files",
+        description="Validate policy files strictly (unknown keys, bad hosts, globs, sizes "
+        "and CIDRs are errors with file:line and the field). Exit 0 if every file is "
+        "valid, 1 otherwise. Nothing is applied.",
+    )
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    check.set_defaults(func=cmd_policy_check)
+    policy.set_defaults(func=lambda _args: _usage(policy))
+    return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except PermissionError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 128 + 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

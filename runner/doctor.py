@@ -1,0 +1,258 @@
+"""`sandgate doctor`: can this host run sandboxes, and if not, what exactly to fix.
+
+Each check is a small function returning a Check. Probes that need kernel objects
+make them inside a throwaway network namespace and remove them before returning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from ipaddress import IPv4Network
+
+from .config import RunnerConfig
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # ok | warn | fail | info
+    detail: str
+    fix: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _ok(name: str, detail: str) -> Check:
+    return Check(name, "ok", detail)
+
+
+def _fail(name: str, detail: str, fix: str) -> Check:
+    return Check(name, "fail", detail, fix)
+
+
+def check_root() -> Check:
+    if os.geteuid() == 0:
+        return _ok("privileges", "running as root")
+    return _fail(
+        "privileges",
+        f"running as uid {os.geteuid()}; namespaces and nftables need root",
+        "run sandgate as root (sudo sandgate ...)",
+    )
+
+
+def check_modules() -> list[Check]:
+    wanted = {
+        "pyroute2": "pip install pyroute2 (scripts/install does this)",
+        "nftables": "apt-get install python3-nftables, and make the venv with "
+        "--system-site-packages (scripts/install does this)",
+        "cffi": "pip install cffi",
+        "iptc": "pip install python-iptables (only for the legacy-xtables backstop)",
+    }
+    out = []
+    for mod, fix in wanted.items():
+        try:
+            importlib.import_module(mod)
+            out.append(_ok(f"python module {mod}", "imports"))
+        except Exception as exc:  # an import can fail in many ways (missing .so, ...)
+            status = "warn" if mod == "iptc" else "fail"
+            out.append(Check(f"python module {mod}", status, f"does not import: {exc}", fix))
+    return out
+
+
+def check_tools() -> list[Check]:
+    out = []
+    for tool, why, pkg in (
+        ("git", "git gateway tests and sandboxed git", "git"),
+        ("nft", "inspecting the ruleset by hand", "nftables"),
+    ):
+        path = shutil.which(tool)
+        if path:
+            out.append(_ok(f"tool {tool}", path))
+        else:
+            out.append(
+                Check(f"tool {tool}", "warn", f"not found ({why})", f"apt-get install {pkg}")
+            )
+    return out
+
+
+@contextlib.contextmanager
+def _probe_netns() -> Iterator[str]:
+    from pyroute2 import netns as pr_netns
+
+    name = f"sgtest-doctor{secrets.token_hex(3)}"
+    pr_netns.create(name)
+    try:
+        yield name
+    finally:
+        pr_netns.remove(name)
+
+
+def check_netns_veth() -> list[Check]:
+    from pyroute2 import IPRoute
+
+    from netns.namespace import run_in_netns
+
+    try:
+        with _probe_netns() as ns:
+
+            def veth() -> None:
+                with IPRoute() as ipr:
+                    ipr.link("add", ifname="sgprobe0", kind="veth", peer="sgprobe1")
+                    ipr.link("del", ifname="sgprobe0")
+
+            try:
+                run_in_netns(ns, veth)
+            except Exception as exc:
+                return [
+                    _ok("network namespaces", "created and removed a probe namespace"),
+                    _fail(
+                        "veth",
+                        f"cannot create a veth pair: {exc}",
+                        "load the veth module "
+                        "(modprobe veth) or use a kernel built with CONFIG_VETH",
+                    ),
+                ]
+    except Exception as exc:
+        return [
+            _fail(
+                "network namespaces",
+                f"cannot create a network namespace: {exc}",
+                "use a kernel with CONFIG_NET_NS, run as root, and make /run/netns writable",
+            )
+        ]
+    return [
+        _ok("network namespaces", "created and removed a probe namespace"),
+        _ok("veth", "created and removed a probe veth pair"),
+    ]
+
+
+def check_nftables() -> Check:
+    from netns.namespace import run_in_netns
+    from nft.apply import Nft, ensure_host_table
+
+    try:
+        with _probe_netns() as ns:
+            run_in_netns(ns, lambda: ensure_host_table(Nft(), "sandgate_probe"))
+    except Exception as exc:
+        return _fail(
+            "nf_tables",
+            f"cannot apply sandgate's table (in a probe namespace): {exc}",
+            "apt-get install nftables python3-nftables; the kernel needs nf_tables "
+            "(modprobe nf_tables)",
+        )
+    return _ok("nf_tables", "applied and verified sandgate's table in a probe namespace")
+
+
+def check_xtables() -> Check:
+    from nft.backstop import backstop_available
+
+    ok, reason = backstop_available()
+    if ok:
+        return _ok("legacy xtables backstop", "available")
+    return Check(
+        "legacy xtables backstop",
+        "warn",
+        f"unavailable ({reason}); sandboxes still run, guarded by nftables alone",
+        "apt-get install iptables and load ip_tables (modprobe ip_tables) for a second "
+        "layer that survives a foreign `nft flush ruleset`",
+    )
+
+
+def check_seccomp() -> Check:
+    try:
+        with open("/proc/self/status") as f:
+            has = any(line.startswith("Seccomp:") for line in f)
+    except OSError as exc:
+        has, why = False, str(exc)
+    else:
+        why = "no Seccomp field in /proc/self/status"
+    if has:
+        return _ok("seccomp", "supported")
+    return _fail("seccomp", f"not supported: {why}", "use a kernel with CONFIG_SECCOMP_FILTER")
+
+
+def check_cgroups() -> Check:
+    from .cgroups import CgroupError, detect
+
+    try:
+        backend = detect()
+    except CgroupError as exc:
+        return _fail(
+            "cgroups",
+            str(exc),
+            "mount cgroup v2 with memory, pids and cpu delegated to sandgate (systemd: "
+            "Delegate=yes), or cgroup v1 memory, pids and cpu hierarchies",
+        )
+    info = backend.info
+    return _ok("cgroups", f"v{info.version}; sandbox cgroups go under {info.base}")
+
+
+def check_pool(pool: IPv4Network) -> Check:
+    """The pool must not overlap a host route that is not sandgate's own."""
+    from pyroute2 import IPRoute
+
+    overlaps = []
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for route in ipr.get_routes(family=2, table=254):
+            dst = route.get_attr("RTA_DST") or "0.0.0.0"
+            net = IPv4Network(f"{dst}/{route['dst_len']}", strict=False)
+            dev = names.get(route.get_attr("RTA_OIF"), "?")
+            if route["dst_len"] == 0 or dev.startswith("sg"):
+                continue  # the default route, and sandgate's own /31s
+            if net.overlaps(pool):
+                overlaps.append(f"{net} dev {dev}")
+    if overlaps:
+        return _fail(
+            "address pool",
+            f"{pool} overlaps host routes: {', '.join(overlaps)}",
+            "choose another pool with --pool (or pool = in /etc/sandgate/sandgate.toml)",
+        )
+    return _ok("address pool", f"{pool} overlaps no host route")
+
+
+def check_ip_forward() -> Check:
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward") as f:
+            value = f.read().strip()
+    except OSError as exc:
+        return Check("ip_forward", "info", f"unreadable: {exc}")
+    if value == "0":
+        return _ok("ip_forward", "off (sandgate never needs forwarding)")
+    return Check(
+        "ip_forward",
+        "warn",
+        "on: sandgate does not need it; its forward chain drops sandbox traffic anyway",
+        "sysctl -w net.ipv4.ip_forward=0 unless this host routes for something else",
+    )
+
+
+def run_checks(config: RunnerConfig) -> list[Check]:
+    checks: list[Check] = [check_root()]
+    checks += check_modules()
+    checks += check_tools()
+    if os.geteuid() != 0:
+        return checks
+    probes: list[Callable[[], Check | list[Check]]] = [
+        check_netns_veth,
+        check_nftables,
+        check_xtables,
+        check_seccomp,
+        check_cgroups,
+        lambda: check_pool(config.pool),
+        check_ip_forward,
+    ]
+    for probe in probes:
+        try:
+            got = probe()
+        except Exception as exc:
+            got = _fail(getattr(probe, "__name__", "check"), f"check crashed: {exc}", "")
+        checks += got if isinstance(got, list) else [got]
+    return checks

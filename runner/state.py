@@ -1,0 +1,106 @@
+"""Sandbox records on disk: one JSON file per sandbox, written atomically.
+
+A record is what the kernel cannot tell us (creation time, command, policy name);
+everything else about a sandbox is re-derived from the kernel by its id, so a lost
+or stale record never leaves objects that cannot be found and removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+class StateError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    id: str
+    netns: str
+    host_ifname: str
+    gateway_addr: str
+    sandbox_addr: str
+    gateway_port: int
+    created_at: float
+    policy: str
+    command: tuple[str, ...] = ()
+    pid: int | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["command"] = list(self.command)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> SandboxRecord:
+        d = dict(d)
+        d["command"] = tuple(d.get("command", ()))
+        return cls(**d)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write, fsync, rename, fsync the directory: a reader sees the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def save_record(directory: Path, record: SandboxRecord) -> None:
+    body = json.dumps(record.to_json(), indent=2, sort_keys=True).encode() + b"\n"
+    write_atomic(directory / f"{record.id}.json", body)
+
+
+def load_record(directory: Path, sandbox_id: str) -> SandboxRecord | None:
+    path = directory / f"{sandbox_id}.json"
+    try:
+        return SandboxRecord.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as exc:
+        raise StateError(f"{path}: unreadable sandbox record: {exc}") from exc
+
+
+def load_records(directory: Path) -> dict[str, SandboxRecord]:
+    records: dict[str, SandboxRecord] = {}
+    if not directory.is_dir():
+        return records
+    for entry in sorted(directory.glob("*.json")):
+        record = load_record(directory, entry.stem)
+        if record is not None:
+            records[record.id] = record
+    return records
+
+
+def delete_record(directory: Path, sandbox_id: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (directory / f"{sandbox_id}.json").unlink()
+
+
+@contextlib.contextmanager
+def host_lock(path: Path) -> Iterator[None]:
+    """Serialise allocation and shared-table changes between sandgate processes on this host."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

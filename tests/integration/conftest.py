@@ -1,0 +1,153 @@
+"""Fixtures for integration tests: real sandboxes, an "upstream" network namespace in
+10.214.0.0/16, and TCP listeners on the host, each removed whatever the test does."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+import pytest
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from runner import syscalls
+from runner.config import RunnerConfig
+from runner.sandbox import Sandbox, create_sandbox, destroy_sandbox
+from tests.nsutil import run_in_netns
+
+SANDBOX_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture
+def config(tmp_path) -> RunnerConfig:
+    return RunnerConfig(state_dir=tmp_path / "state")
+
+
+@pytest.fixture
+def make_sandbox(config: RunnerConfig) -> Iterator:
+    """A factory for real sandboxes; every one is destroyed when the test ends."""
+    made: list[Sandbox] = []
+
+    def make() -> Sandbox:
+        sandbox = create_sandbox(config)
+        made.append(sandbox)
+        return sandbox
+
+    yield make
+    for sandbox in made:
+        destroy_sandbox(config, sandbox.id)
+
+
+def sandbox_python(sandbox: Sandbox, code: str, timeout: float = 60) -> dict:
+    """Run Python code inside the sandbox's network namespace; it prints one JSON object."""
+
+    ns_fd = os.open(sandbox.network.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        proc = subprocess.run(
+            [SANDBOX_PYTHON, "-c", code],
+            preexec_fn=lambda: syscalls.setns(ns_fd, syscalls.CLONE_NEWNET),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    finally:
+        os.close(ns_fd)
+    assert proc.returncode == 0, f"sandbox code failed: {proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+@dataclass
+class Listener:
+    addr: str
+    port: int
+    accepted: list[tuple[str, int]]
+
+
+@contextlib.contextmanager
+def tcp_listener(addr: str, port: int = 0, netns: str | None = None) -> Iterator[Listener]:
+    """A TCP listener that accepts, writes b"hi" and closes; in the host or a test netns."""
+
+    def make_socket() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((addr, port))
+        s.listen(64)
+        return s
+
+    sock = run_in_netns(netns, make_socket) if netns else make_socket()
+    listener = Listener(addr, sock.getsockname()[1], [])
+    stop = threading.Event()
+
+    def serve() -> None:
+        sock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, peer = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            listener.accepted.append(peer)
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(b"hi")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+
+
+@dataclass
+class Upstream:
+    netns: str
+    host_ifname: str
+    host_addr: IPv4Address
+    addr: IPv4Address
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    """A stand-in for "the internet": a netns at 10.214.N.2, routed from the host.
+
+    The host end is named tsg<hex> (not sg*: it is not a sandbox). The upstream gets a
+    route back to the sandbox pool only, never a default route.
+    """
+    tag = secrets.token_hex(3)
+    n = int(tag[:2], 16)
+    name, ifname = f"sgtest-up{tag}", f"tsg{tag}"
+    host_addr, addr = IPv4Address(f"10.214.{n}.1"), IPv4Address(f"10.214.{n}.2")
+    pr_netns.create(name)
+    try:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
+            idx = ipr.link_lookup(ifname=ifname)[0]
+            ipr.addr("add", index=idx, address=str(host_addr), prefixlen=30)
+            ipr.link("set", index=idx, state="up")
+
+        def inside() -> None:
+            with IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                eth = ipr.link_lookup(ifname="eth0")[0]
+                ipr.addr("add", index=eth, address=str(addr), prefixlen=30)
+                ipr.link("set", index=eth, state="up")
+                ipr.route("add", dst="10.213.0.0/16", gateway=str(host_addr))
+
+        run_in_netns(name, inside)
+        yield Upstream(name, ifname, host_addr, addr)
+    finally:
+        with IPRoute() as ipr, contextlib.suppress(Exception):
+            ipr.link("del", ifname=ifname)
+        pr_netns.remove(name)
