@@ -18,7 +18,7 @@ import pytest
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from runner import syscalls
+from netns import syscalls
 from runner.config import RunnerConfig
 from runner.sandbox import Sandbox, create_sandbox, destroy_sandbox
 from tests.nsutil import run_in_netns
