@@ -399,6 +399,10 @@ class UnifiedCgroup(Cgroup):
     """A sandbox cgroup on v2: one directory in the unified hierarchy."""
 
     @property
+    def dirs(self) -> dict[str, str]:
+        return {"unified": self.path}
+
+    @property
     def path(self) -> str:
         return self.paths[0]
 
@@ -793,6 +797,23 @@ class CgroupV1(Backend):
                 if _NAME_RE.fullmatch(entry) and self._fs.is_dir(posixpath.join(base, entry))
             )
         return sorted(names)
+
+
+def cgroup_at(name: str, dirs: dict[str, str], fs: CgroupFS | None = None) -> Cgroup | None:
+    """The cgroup a sandbox record names by its directories ({"unified": path} on v2,
+    controller -> directory on v1), or None when none of them exists any more.
+
+    The runner's own cgroup can differ between the process that created a sandbox and
+    the one removing it, so removal goes by the recorded directories, not by `find`.
+    """
+    _check_name(name)
+    fs = fs or CgroupFS()
+    present = {c: d for c, d in dirs.items() if fs.is_dir(d)}
+    if not present:
+        return None
+    if "unified" in present:
+        return UnifiedCgroup(fs, name, [present["unified"]])
+    return LegacyCgroup(fs, name, present)
 
 
 def detect(

@@ -66,6 +66,42 @@ def _port(text: str) -> int:
     return port
 
 
+def _size(text: str) -> int:
+    from .cgroups import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _cpus(text: str) -> float:
+    from .cgroups import parse_cpus
+
+    try:
+        return parse_cpus(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _duration(text: str) -> float:
+    from gateway.policy import parse_duration
+
+    try:
+        value = float(text) if text.replace(".", "", 1).isdigit() else parse_duration(text)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: {exc}") from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: must be more than 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"bad number {text!r}: expected a whole number >= 1")
+    return int(text)
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key or "\0" in text:
@@ -88,7 +124,8 @@ def _require_root() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .process import LaunchError, ProcessSpec, run_to_completion, sandbox_env
+    from .identity import IdentityError, resolve_identity
+    from .mounts import FilesystemSpec, MountError, plan_mounts
     from .sandbox import SandboxError, SandboxSpec, create_sandbox, destroy_sandbox
 
     argv = list(args.command)
@@ -96,7 +133,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         raise UsageError("run: no command given (usage: sandgate run [OPTIONS] -- CMD [ARG...])")
-    policy_name = _load_policy_name(args.policy)
+    policy = _load_policy(args.policy)
+    limits = _limits(args, policy)
+    timeout = args.timeout if args.timeout is not None else policy.limits.timeout
+    try:
+        identity = resolve_identity(args.user)
+        fs = FilesystemSpec(
+            workspace=args.workspace,
+            ro=tuple(args.ro),
+            rw=tuple(args.rw),
+            uid=identity.uid,
+            gid=identity.gid,
+        )
+        plan = plan_mounts(fs)
+    except (IdentityError, MountError) as exc:
+        raise UsageError(str(exc)) from exc
     try:
         _require_root()
     except PermissionError as exc:
@@ -107,28 +158,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with _terminate_as_exception():
             sandbox = create_sandbox(
-                config, SandboxSpec(policy_name=policy_name, command=tuple(argv))
+                config,
+                SandboxSpec(policy_name=policy.name, command=tuple(argv), limits=limits),
             )
     except (SandboxError, Terminated) as exc:
         _err(str(exc))
         return EXIT_SANDGATE
     result: dict = {
         "id": sandbox.id,
-        "policy": policy_name,
+        "policy": policy.name,
         "gateway": f"{sandbox.gateway[0]}:{sandbox.gateway[1]}",
         "sandbox_addr": str(sandbox.network.address.sandbox),
+        "user": {"uid": identity.uid, "gid": identity.gid, "from": identity.source},
+        "limits": {
+            "memory": limits.memory_bytes,
+            "pids": limits.pids,
+            "cpus": limits.cpus,
+            "timeout": timeout,
+        },
         "create_ms": sandbox.timings,
     }
     try:
-        spec = ProcessSpec(argv=tuple(argv), env=sandbox_env(dict(args.env), sandbox.id))
-        try:
-            code = run_to_completion(spec, sandbox.network.netns_path)
-        except LaunchError as exc:
-            _err(str(exc))
-            code = exc.exit_code
-        result["exit_code"] = code
-        if code > 128:
-            result["signal"] = code - 128
+        result.update(_run_command(sandbox, argv, args, identity, fs, plan, timeout))
     finally:
         if args.keep:
             result["kept"] = True
@@ -148,6 +199,48 @@ def cmd_run(args: argparse.Namespace) -> int:
         # stdout belongs to the command; the summary goes to stderr as one JSON line.
         _print_json({"sandgate": "result", **result}, sys.stderr)
     return result["exit_code"]
+
+
+def _run_command(sandbox, argv, args, identity, fs, plan, timeout) -> dict:
+    """Start the command in the sandbox and wait for it; the result fields for --json."""
+    from .init import CommandSpec
+    from .process import LaunchError, launch, sandbox_env
+
+    spec = CommandSpec(
+        argv=tuple(argv),
+        env=sandbox_env(dict(args.env), sandbox.id, fs.home, identity.name),
+        cwd=args.workdir or fs.workspace_target,
+        uid=identity.uid,
+        gid=identity.gid,
+        hostname=sandbox.id,
+        mounts=plan,
+    )
+    t0 = time.monotonic()
+    try:
+        with _terminate_as_exception():
+            running = launch(spec, sandbox.network.netns_path, sandbox.cgroup)
+    except (LaunchError, Terminated) as exc:
+        _err(str(exc))
+        return {"exit_code": EXIT_SANDGATE, "error": str(exc)}
+    outcome = running.wait(timeout)
+    if outcome.error and not args.json:
+        _err(f"sandbox {sandbox.id}: {outcome.error}")
+    return {**outcome.to_json(), "run_ms": round((time.monotonic() - t0) * 1000, 1)}
+
+
+def _limits(args: argparse.Namespace, policy):
+    """Command line over policy over the built-in defaults."""
+    from .cgroups import Limits, default_limits
+
+    base = default_limits()
+    try:
+        return Limits(
+            memory_bytes=args.memory or policy.limits.memory or base.memory_bytes,
+            pids=args.pids or policy.limits.pids or base.pids,
+            cpus=args.cpus or policy.limits.cpus or base.cpus,
+        )
+    except ValueError as exc:
+        raise UsageError(f"bad limits: {exc}") from exc
 
 
 class Terminated(Exception):
@@ -183,13 +276,13 @@ def _signals_deferred():
             signal.signal(sig, handler)
 
 
-def _load_policy_name(path: str | None) -> str:
-    if path is None:
-        return "default"
-    from gateway.policy import PolicyError, load_policy
+def _load_policy(path: str | None):
+    from gateway.policy import DEFAULT_POLICY, PolicyError, load_policy
 
+    if path is None:
+        return DEFAULT_POLICY
     try:
-        return load_policy(path).name
+        return load_policy(path)
     except PolicyError as exc:
         raise UsageError(f"invalid policy: {exc}") from exc
     except OSError as exc:
@@ -403,6 +496,39 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="set an environment variable for CMD (repeatable); CMD gets a small fixed "
         "environment otherwise, never the caller's",
+    )
+    run.add_argument(
+        "--workspace",
+        metavar="DIR",
+        help="host directory mounted read-write at /workspace (the working directory); "
+        "default: an empty tmpfs",
+    )
+    run.add_argument("--workdir", metavar="PATH", help="working directory inside the sandbox")
+    run.add_argument(
+        "--ro", action="append", default=[], metavar="PATH", help="bind PATH read-only (repeatable)"
+    )
+    run.add_argument(
+        "--rw",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="bind PATH read-write (repeatable)",
+    )
+    run.add_argument(
+        "--user",
+        metavar="USER[:GROUP]",
+        help="unprivileged user to run CMD as; default: the user behind sudo, else the "
+        "_sandgate system user, else nobody. Root is refused.",
+    )
+    run.add_argument("--memory", type=_size, metavar="SIZE", help="memory limit, e.g. 512M, 2G")
+    run.add_argument("--pids", type=_positive_int, metavar="N", help="process/thread limit")
+    run.add_argument("--cpus", type=_cpus, metavar="N", help="CPU limit, e.g. 0.5, 2")
+    run.add_argument(
+        "--timeout",
+        type=_duration,
+        metavar="DURATION",
+        help="wall-clock limit (30s, 5m, 1h); when it runs out every process of the "
+        "sandbox is killed and run exits 137",
     )
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     run.set_defaults(func=cmd_run)

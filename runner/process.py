@@ -1,57 +1,83 @@
-"""Starting the sandbox's command and waiting for it like `docker run` does.
+"""Starting the sandbox's process tree and waiting for it like `docker run` does.
 
-Owns: the child's entry into the sandbox's namespaces, terminal foreground
-hand-over, signal forwarding, and turning a wait status into an exit code.
+Owns the runner's side of a sandbox's processes: the fork into the sandbox's
+namespaces, the cgroup hand-over, terminal foreground hand-over, signal forwarding,
+the wall-clock limit, and turning init's report into an outcome.
+
+The tree, as the host sees it:
+
+    sandgate (runner)
+      └─ entry     joins the netns, unshares mount/pid/uts/ipc/cgroup, waits for init
+           └─ init    pid 1 inside: filesystem view, reaping, signals (runner/init.py)
+                └─ CMD   unprivileged, no capabilities, seccomp, rlimits
+
+The entry process is in the sandbox's cgroup before it unshares anything, so every
+descendant is too, and the cgroup namespace is rooted there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import select
 import signal
-import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from netns import syscalls
-
-# Signals a user sends to `sandgate run` that belong to the command.
-FORWARDED_SIGNALS = (
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
+from . import syscalls
+from .cgroups import Cgroup
+from .init import EXIT_SETUP, FORWARDED_SIGNALS, CommandSpec, run_init
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-
-@dataclass(frozen=True)
-class ProcessSpec:
-    argv: tuple[str, ...]
-    env: Mapping[str, str] = field(default_factory=dict)
-    cwd: str | None = None
+NAMESPACES = (
+    syscalls.CLONE_NEWNS
+    | syscalls.CLONE_NEWPID
+    | syscalls.CLONE_NEWUTS
+    | syscalls.CLONE_NEWIPC
+    | syscalls.CLONE_NEWCGROUP
+)
 
 
 class LaunchError(Exception):
-    """The command could not be started; `exit_code` follows the shell's 126/127."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    """The sandbox's processes could not be started; nothing of them is left."""
 
 
-def exit_code_of(returncode: int) -> int:
-    """subprocess's returncode (negative for a signal) as a shell exit code (128+N)."""
-    return 128 - returncode if returncode < 0 else returncode
+@dataclass
+class Outcome:
+    """How the command ended, for `sandgate run`'s exit code and --json summary."""
+
+    exit_code: int
+    signal: int | None = None
+    error: str | None = None
+    timed_out: bool = False
+    oom_killed: bool = False
+    peak_memory: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out: dict = {"exit_code": self.exit_code}
+        for key in ("signal", "error", "peak_memory"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        out["timed_out"] = self.timed_out
+        out["oom_killed"] = self.oom_killed
+        return out
 
 
-def sandbox_env(extra: Mapping[str, str], sandbox_id: str) -> dict[str, str]:
+def sandbox_env(extra: Mapping[str, str], sandbox_id: str, home: str, user: str) -> dict[str, str]:
     """The command's environment: a small fixed base, never the caller's whole one."""
-    env = {"PATH": DEFAULT_PATH, "SANDGATE_ID": sandbox_id, "HOME": "/tmp"}
+    env = {
+        "PATH": DEFAULT_PATH,
+        "SANDGATE_ID": sandbox_id,
+        "HOME": home,
+        "USER": user,
+        "LOGNAME": user,
+    }
     for key in ("TERM", "LANG", "LC_ALL", "TZ"):
         if key in os.environ:
             env[key] = os.environ[key]
@@ -70,51 +96,169 @@ def _controlling_tty() -> int | None:
     return None
 
 
-def start(spec: ProcessSpec, netns_path: str) -> tuple[subprocess.Popen, int | None]:
-    """Start the command in the sandbox's network namespace, in its own process group.
-
-    When stdin is our terminal, the command's group becomes the terminal's
-    foreground group, so Ctrl-C reaches the command once (from the terminal) and
-    not twice (terminal + our forwarding). Returns the process and the tty fd.
-    """
-    tty = _controlling_tty()
-    ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def child_setup() -> None:
-        # Runs in the forked child, before exec: single-threaded, async-signal context.
-        syscalls.setns(ns_fd, syscalls.CLONE_NEWNET)
-        os.setpgid(0, 0)
-        if tty is not None:
-            old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-            os.tcsetpgrp(tty, os.getpgrp())
-            signal.signal(signal.SIGTTOU, old)
-
+def _take_terminal(tty: int | None, pgrp: int) -> None:
+    if tty is None:
+        return
+    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     try:
-        proc = subprocess.Popen(
-            list(spec.argv),
-            env=dict(spec.env),
-            cwd=spec.cwd,
-            # The namespace must be joined between fork and exec.
-            preexec_fn=child_setup,
-            pass_fds=(),
-        )
-    except FileNotFoundError as exc:
-        raise LaunchError(f"{spec.argv[0]}: command not found", 127) from exc
-    except PermissionError as exc:
-        raise LaunchError(f"{spec.argv[0]}: permission denied", 126) from exc
-    except OSError as exc:
-        raise LaunchError(f"{spec.argv[0]}: cannot execute: {exc}", 126) from exc
-    except subprocess.SubprocessError as exc:
-        # preexec failed: the child could not enter the sandbox; nothing ran.
-        raise LaunchError(f"cannot enter the sandbox's namespaces: {exc}", 125) from exc
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(tty, pgrp)
     finally:
+        signal.signal(signal.SIGTTOU, old)
+
+
+def _read_line(fd: int, deadline: float | None = None) -> bytes:
+    """Everything up to EOF (the writer closed or died), or b"" at the deadline."""
+    chunks = []
+    while True:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return b""
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                return b""
+        try:
+            chunk = os.read(fd, 4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _entry(spec: CommandSpec, netns_path: str, go_r: int, info_w: int, status_w: int) -> None:
+    """The entry process (in the host's pid namespace). Never returns."""
+    try:
+        for sig in FORWARDED_SIGNALS | {signal.SIGTSTP}:
+            # The terminal signals this group; init and the command decide for themselves.
+            signal.signal(sig, signal.SIG_IGN)
+        if os.read(go_r, 1) != b"g":
+            os._exit(EXIT_SETUP)  # the runner went away before handing over the cgroup
+        os.close(go_r)
+        ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+        syscalls.setns(ns_fd, syscalls.CLONE_NEWNET)
         os.close(ns_fd)
-    return proc, tty
+        syscalls.unshare(NAMESPACES)
+        pid = os.fork()
+        if pid == 0:
+            os.close(info_w)
+            for sig in FORWARDED_SIGNALS | {signal.SIGTSTP}:
+                signal.signal(sig, signal.SIG_DFL)
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+            run_init(spec, status_w)
+        os.write(info_w, f"{pid}\n".encode())
+        os.close(info_w)
+        os.close(status_w)
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        os._exit(0)
+    except BaseException as exc:
+        with contextlib.suppress(BaseException):
+            os.write(info_w, f"error {exc}\n".encode())
+        os._exit(EXIT_SETUP)
+
+
+@dataclass
+class Running:
+    entry_pid: int
+    init_pid: int
+    status_fd: int
+    tty: int | None
+    cgroup: Cgroup | None
+
+    def wait(self, timeout: float | None = None) -> Outcome:
+        """Forward signals until the command ends (or the wall clock runs out)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with forwarding_signals(self.init_pid):
+                raw = _read_line(self.status_fd, deadline)
+            timed_out = not raw and deadline is not None and time.monotonic() >= deadline
+            if timed_out and self.cgroup is not None:
+                self.cgroup.kill_all()
+        finally:
+            os.close(self.status_fd)
+            _reap(self.entry_pid)
+            _take_terminal(self.tty, os.getpgrp())
+        if timed_out:
+            outcome = Outcome(exit_code=128 + signal.SIGKILL, signal=signal.SIGKILL)
+            outcome.timed_out = True
+            outcome.error = f"killed: the wall-clock limit of {timeout:g}s ran out"
+        elif raw:
+            report = json.loads(raw.decode().splitlines()[-1])
+            outcome = Outcome(
+                exit_code=report["exit_code"],
+                signal=report.get("signal"),
+                error=report.get("error"),
+            )
+        else:
+            # init died without a word: killed from outside (OOM of init, kill -9).
+            outcome = Outcome(exit_code=128 + signal.SIGKILL, signal=signal.SIGKILL)
+            outcome.error = "the sandbox's init was killed"
+        if self.cgroup is not None:
+            outcome.oom_killed = self.cgroup.oom_killed()
+            outcome.peak_memory = self.cgroup.peak_memory()
+            if outcome.oom_killed and outcome.signal == signal.SIGKILL:
+                outcome.error = "killed: out of memory (the sandbox's memory limit)"
+        return outcome
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def launch(spec: CommandSpec, netns_path: str, cgroup: Cgroup | None) -> Running:
+    """Start entry → init → command in the sandbox. Raises LaunchError if init never ran."""
+    tty = _controlling_tty()
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    info_r, info_w = os.pipe2(os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(go_w)
+        os.close(info_r)
+        os.close(status_r)
+        os.setpgid(0, 0)
+        _take_terminal(tty, os.getpgrp())
+        _entry(spec, netns_path, go_r, info_w, status_w)
+    for fd in (go_r, info_w, status_w):
+        os.close(fd)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.setpgid(pid, pid)  # also done by the child; whichever runs first wins
+    try:
+        if cgroup is not None:
+            cgroup.add_process(pid)
+        os.write(go_w, b"g")
+        os.close(go_w)
+        go_w = -1
+        info = _read_line(info_r).decode().strip()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _reap(pid)
+        os.close(status_r)
+        _take_terminal(tty, os.getpgrp())
+        raise
+    finally:
+        os.close(info_r)
+        if go_w != -1:
+            os.close(go_w)
+    if not info.isdigit():
+        _reap(pid)
+        os.close(status_r)
+        _take_terminal(tty, os.getpgrp())
+        raise LaunchError(f"cannot enter the sandbox's namespaces: {info or 'entry died'}")
+    return Running(entry_pid=pid, init_pid=int(info), status_fd=status_r, tty=tty, cgroup=cgroup)
 
 
 @contextlib.contextmanager
 def forwarding_signals(pid: int) -> Iterator[list[int]]:
-    """Forward the signals a user sends us to the command while it runs."""
+    """Forward the signals a user sends us to the sandbox's init, which passes them on."""
     received: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
@@ -128,29 +272,3 @@ def forwarding_signals(pid: int) -> Iterator[list[int]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def reclaim_terminal(tty: int | None) -> None:
-    """Make our own process group the terminal's foreground group again."""
-    if tty is None:
-        return
-    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-    try:
-        with contextlib.suppress(OSError):
-            os.tcsetpgrp(tty, os.getpgrp())
-    finally:
-        signal.signal(signal.SIGTTOU, old)
-
-
-def run_to_completion(spec: ProcessSpec, netns_path: str) -> int:
-    """Start the command, forward signals until it ends, return its shell exit code."""
-    proc, tty = start(spec, netns_path)
-    try:
-        with forwarding_signals(proc.pid):
-            returncode = proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        reclaim_terminal(tty)
-    return exit_code_of(returncode)

@@ -20,12 +20,14 @@ from nft import apply as nft_apply
 from nft import backstop
 from nft.ruleset import SandboxElements
 
+from . import cgroups
+from .cgroups import Cgroup, CgroupError, Limits, default_limits
 from .config import RunnerConfig
 from .state import SandboxRecord, delete_record, host_lock, load_record, save_record
 
 # Named phases of create, in order; a test-only hook can stop the runner at any one.
-CREATE_PHASES = ("allocate", "network", "host-firewall", "sandbox-firewall", "record")
-DESTROY_PHASES = ("host-firewall", "network", "record", "shared-cleanup")
+CREATE_PHASES = ("allocate", "network", "host-firewall", "sandbox-firewall", "cgroup", "record")
+DESTROY_PHASES = ("processes", "host-firewall", "network", "record", "shared-cleanup")
 
 PhaseHook = Callable[[str, str], None]  # (operation, phase)
 
@@ -38,6 +40,7 @@ class SandboxError(Exception):
 class SandboxSpec:
     policy_name: str = "default"
     command: tuple[str, ...] = ()
+    limits: Limits | None = None  # None: cgroups.default_limits()
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Sandbox:
     record: SandboxRecord
     network: SandboxNetwork
     timings: dict[str, float]
+    cgroup: Cgroup | None = None
 
     @property
     def id(self) -> str:
@@ -134,6 +138,12 @@ def create_sandbox(
                     ),
                 )
 
+            enter("cgroup")
+            with timer.phase("cgroup"):
+                limits = spec.limits or default_limits()
+                cgroup = cgroups.detect().create(cgroup_name(sandbox_id), limits)
+                undo.callback(cgroup.destroy)
+
             enter("record")
             with timer.phase("record"):
                 record = SandboxRecord(
@@ -146,6 +156,7 @@ def create_sandbox(
                     created_at=time.time(),
                     policy=spec.policy_name,
                     command=spec.command,
+                    cgroup=dict(cgroup.dirs),
                 )
                 undo.callback(delete_record, config.sandboxes_dir, sandbox_id)
                 save_record(config.sandboxes_dir, record)
@@ -155,7 +166,22 @@ def create_sandbox(
                 raise SandboxError(f"creating the sandbox failed at phase {step!r}: {exc}") from exc
             raise
         undo.pop_all()
-    return Sandbox(config=config, record=record, network=net, timings=timer.ms)
+    return Sandbox(config=config, record=record, network=net, timings=timer.ms, cgroup=cgroup)
+
+
+def cgroup_name(sandbox_id: str) -> str:
+    return f"sandgate-{sandbox_id}"
+
+
+def _find_cgroup(sandbox_id: str, record: SandboxRecord | None) -> Cgroup | None:
+    """The sandbox's cgroup: where its record says, else under this runner's own cgroup."""
+    name = cgroup_name(sandbox_id)
+    if record is not None and record.cgroup:
+        return cgroups.cgroup_at(name, record.cgroup)
+    try:
+        return cgroups.detect().find(name)
+    except CgroupError:
+        return None
 
 
 def _ensure_backstop(port: int) -> None:
@@ -195,7 +221,8 @@ def open_sandbox(config: RunnerConfig, sandbox_id: str) -> Sandbox | None:
         host_ifname=record.host_ifname,
         address=address,
     )
-    return Sandbox(config=config, record=record, network=net, timings={})
+    cgroup = _find_cgroup(sandbox_id, record)
+    return Sandbox(config=config, record=record, network=net, timings={}, cgroup=cgroup)
 
 
 def destroy_sandbox(
@@ -215,6 +242,11 @@ def destroy_sandbox(
         if hook is not None:
             hook("destroy", phase)
 
+    enter("processes")
+    with timer.phase("processes"):
+        cgroup = _find_cgroup(sandbox_id, load_record(config.sandboxes_dir, sandbox_id))
+        if cgroup is not None:
+            cgroup.destroy()
     enter("host-firewall")
     with timer.phase("host-firewall"):
         nft = nft_apply.Nft()

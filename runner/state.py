@@ -12,7 +12,7 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
@@ -32,6 +32,8 @@ class SandboxRecord:
     policy: str
     command: tuple[str, ...] = ()
     pid: int | None = None
+    # The sandbox's cgroup directories: {"unified": path} (v2) or controller -> dir (v1).
+    cgroup: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -1,0 +1,163 @@
+"""The sandbox's init: pid 1 of its pid namespace, so the command is not.
+
+Owns what happens inside the new namespaces: hostname, the filesystem view, then
+starting the command (privileges dropped, seccomp on, rlimits set) and, while it
+runs, reaping every zombie, forwarding signals and finally reporting how the
+command ended on the status pipe as one JSON line.
+
+Signals: init blocks the forwarded signals and takes them with sigwaitinfo. One sent
+by a process (the runner forwarding a `kill`, si_code SI_USER/SI_TKILL/SI_QUEUE) is
+passed on to the command; one raised by the terminal (SI_KERNEL, e.g. Ctrl-C) is not,
+because the terminal already sent it to the command's process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import resource
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from . import caps, mounts, seccomp, syscalls
+
+FORWARDED_SIGNALS = frozenset(
+    {
+        signal.SIGINT,
+        signal.SIGTERM,
+        signal.SIGHUP,
+        signal.SIGQUIT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGWINCH,
+    }
+)
+_SI_KERNEL = 0x80
+
+# Exit codes init reports for failures before the command ran (shell conventions).
+EXIT_SETUP = 125
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """Everything init needs to start the command; built by the runner, pure data."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    cwd: str
+    uid: int
+    gid: int
+    hostname: str
+    mounts: mounts.MountPlan
+    nofile: int = 4096
+
+
+def _report(fd: int, status: dict) -> None:
+    data = (json.dumps(status) + "\n").encode()
+    with contextlib.suppress(OSError):
+        os.write(fd, data)
+
+
+def _set_rlimits(nofile: int) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = nofile if hard == resource.RLIM_INFINITY else min(nofile, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
+def _exec_command(spec: CommandSpec, errpipe: int) -> None:
+    """In the command's process: drop everything, then exec. Never returns."""
+    try:
+        for sig in range(1, signal.NSIG):
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        _set_rlimits(spec.nofile)
+        os.chdir(spec.cwd)
+        os.umask(0o022)
+        caps.drop_privileges(spec.uid, spec.gid)
+        # Dropping credentials clears the parent-death signal; set it again.
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+        seccomp.install_filter(seccomp.build_filter())
+        os.closerange(3, errpipe)
+        os.closerange(errpipe + 1, 65536)
+        os.execvpe(spec.argv[0], list(spec.argv), dict(spec.env))
+    except OSError as exc:
+        code = EXIT_NOT_FOUND if exc.errno in (errno.ENOENT, errno.ENOTDIR) else EXIT_CANNOT_EXECUTE
+        message = f"{spec.argv[0]}: {exc.strerror or exc}"
+    except Exception as exc:  # a privilege that would not drop: never exec
+        code, message = EXIT_SETUP, f"cannot drop privileges: {exc}"
+    with contextlib.suppress(OSError):
+        os.write(errpipe, json.dumps({"exit_code": code, "error": message}).encode())
+    os._exit(code)
+
+
+def _kill_everything_else() -> None:
+    """As pid 1: SIGKILL every other process of the sandbox's pid namespace."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(-1, signal.SIGKILL)
+
+
+def run_init(spec: CommandSpec, status_fd: int) -> None:
+    """Body of pid 1. Never returns: exits after writing the command's end to status_fd."""
+    try:
+        syscalls.sethostname(spec.hostname)
+        mounts.build_and_enter(spec.mounts)
+    except Exception as exc:
+        _report(status_fd, {"exit_code": EXIT_SETUP, "error": f"sandbox setup failed: {exc}"})
+        os._exit(EXIT_SETUP)
+
+    watched = set(FORWARDED_SIGNALS) | {signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(err_r)
+        os.close(status_fd)
+        _exec_command(spec, err_w)
+    os.close(err_w)
+    with os.fdopen(err_r, "rb") as f:
+        failure = f.read()
+    status: dict | None = None
+    if failure:
+        status = json.loads(failure)
+
+    while True:
+        info = signal.sigwaitinfo(watched)
+        if info.si_signo != signal.SIGCHLD:
+            if info.si_code != _SI_KERNEL:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, info.si_signo)
+            continue
+        done = False
+        while True:
+            try:
+                reaped, wstatus = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                done = True
+                break
+            if reaped == 0:
+                break
+            if reaped == pid and status is None:
+                if os.WIFSIGNALED(wstatus):
+                    sig = os.WTERMSIG(wstatus)
+                    status = {"exit_code": 128 + sig, "signal": sig}
+                else:
+                    status = {"exit_code": os.WEXITSTATUS(wstatus)}
+            if reaped == pid:
+                # The command is gone: so is everything it left running.
+                _kill_everything_else()
+        if done or status is not None:
+            break
+
+    # Reap whatever the final SIGKILL left, then report.
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, 0)[0] > 0:
+            pass
+    _report(status_fd, status or {"exit_code": EXIT_SETUP, "error": "the command vanished"})
+    os._exit(0)
