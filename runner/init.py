@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import signal
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ class CommandSpec:
     hostname: str
     mounts: mounts.MountPlan
     nofile: int = 4096
+    seccomp_filter: bytes = b""  # filled by process.launch from seccomp.build_filter()
 
 
 def _report(fd: int, status: dict) -> None:
@@ -83,7 +85,7 @@ def _exec_command(spec: CommandSpec, errpipe: int) -> None:
         caps.drop_privileges(spec.uid, spec.gid)
         # Dropping credentials clears the parent-death signal; set it again.
         syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
-        seccomp.install_filter(seccomp.build_filter())
+        seccomp.install_filter(spec.seccomp_filter or seccomp.build_filter())
         os.closerange(3, errpipe)
         os.closerange(errpipe + 1, 65536)
         os.execvpe(spec.argv[0], list(spec.argv), dict(spec.env))
@@ -104,10 +106,16 @@ def _kill_everything_else() -> None:
 
 
 def run_init(spec: CommandSpec, status_fd: int) -> None:
-    """Body of pid 1. Never returns: exits after writing the command's end to status_fd."""
+    """Body of pid 1. Never returns: exits after writing the command's end to status_fd.
+
+    The report carries CLOCK_MONOTONIC stamps (shared by every namespace) of init's
+    start, the finished filesystem view and the exec, for the runner's phase timings.
+    """
+    stamps = {"init": time.monotonic()}
     try:
         syscalls.sethostname(spec.hostname)
         mounts.build_and_enter(spec.mounts)
+        stamps["filesystem"] = time.monotonic()
     except Exception as exc:
         _report(status_fd, {"exit_code": EXIT_SETUP, "error": f"sandbox setup failed: {exc}"})
         os._exit(EXIT_SETUP)
@@ -122,7 +130,8 @@ def run_init(spec: CommandSpec, status_fd: int) -> None:
         _exec_command(spec, err_w)
     os.close(err_w)
     with os.fdopen(err_r, "rb") as f:
-        failure = f.read()
+        failure = f.read()  # EOF at the exec (close-on-exec) or the failure report
+    stamps["exec"] = time.monotonic()
     status: dict | None = None
     if failure:
         status = json.loads(failure)
@@ -159,5 +168,7 @@ def run_init(spec: CommandSpec, status_fd: int) -> None:
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, 0)[0] > 0:
             pass
-    _report(status_fd, status or {"exit_code": EXIT_SETUP, "error": "the command vanished"})
+    stamps["exit"] = time.monotonic()
+    final = status or {"exit_code": EXIT_SETUP, "error": "the command vanished"}
+    _report(status_fd, {**final, "stamps": stamps})
     os._exit(0)

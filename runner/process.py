@@ -18,6 +18,8 @@ descendant is too, and the cgroup namespace is rooted there.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import select
@@ -27,7 +29,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from . import syscalls
+from . import seccomp, syscalls
 from .cgroups import Cgroup
 from .init import EXIT_SETUP, FORWARDED_SIGNALS, CommandSpec, run_init
 
@@ -56,7 +58,10 @@ class Outcome:
     timed_out: bool = False
     oom_killed: bool = False
     peak_memory: int | None = None
-    extra: dict = field(default_factory=dict)
+    # Milliseconds per launch phase: entry (fork, cgroup, namespaces, fork of init),
+    # filesystem (the view and pivot_root), exec (fork of the command, privilege drop,
+    # seccomp, exec), command (until it ended).
+    phases: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         out: dict = {"exit_code": self.exit_code}
@@ -66,6 +71,8 @@ class Outcome:
                 out[key] = value
         out["timed_out"] = self.timed_out
         out["oom_killed"] = self.oom_killed
+        if self.phases:
+            out["launch_ms"] = self.phases
         return out
 
 
@@ -170,6 +177,7 @@ class Running:
     status_fd: int
     tty: int | None
     cgroup: Cgroup | None
+    started: float  # CLOCK_MONOTONIC at launch()
 
     def wait(self, timeout: float | None = None) -> Outcome:
         """Forward signals until the command ends (or the wall clock runs out)."""
@@ -194,6 +202,7 @@ class Running:
                 exit_code=report["exit_code"],
                 signal=report.get("signal"),
                 error=report.get("error"),
+                phases=_phases(self.started, report.get("stamps", {})),
             )
         else:
             # init died without a word: killed from outside (OOM of init, kill -9).
@@ -207,13 +216,34 @@ class Running:
         return outcome
 
 
+def _phases(started: float, stamps: dict[str, float]) -> dict[str, float]:
+    order = [("entry", "init"), ("filesystem", "filesystem"), ("exec", "exec"), ("command", "exit")]
+    phases, last = {}, started
+    for name, key in order:
+        if key in stamps:
+            phases[name] = round((stamps[key] - last) * 1000, 3)
+            last = stamps[key]
+    return phases
+
+
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
 
 
+@functools.cache
+def _prepared_filter() -> bytes:
+    """The seccomp program, and cffi's declarations parsed, once per runner process:
+    otherwise every forked child would redo both (~25 ms of pycparser and assembly)."""
+    syscalls.libc()
+    syscalls.capget()
+    return seccomp.build_filter()
+
+
 def launch(spec: CommandSpec, netns_path: str, cgroup: Cgroup | None) -> Running:
     """Start entry → init → command in the sandbox. Raises LaunchError if init never ran."""
+    spec = dataclasses.replace(spec, seccomp_filter=_prepared_filter())
+    started = time.monotonic()
     tty = _controlling_tty()
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     info_r, info_w = os.pipe2(os.O_CLOEXEC)
@@ -253,7 +283,14 @@ def launch(spec: CommandSpec, netns_path: str, cgroup: Cgroup | None) -> Running
         os.close(status_r)
         _take_terminal(tty, os.getpgrp())
         raise LaunchError(f"cannot enter the sandbox's namespaces: {info or 'entry died'}")
-    return Running(entry_pid=pid, init_pid=int(info), status_fd=status_r, tty=tty, cgroup=cgroup)
+    return Running(
+        entry_pid=pid,
+        init_pid=int(info),
+        status_fd=status_r,
+        tty=tty,
+        cgroup=cgroup,
+        started=started,
+    )
 
 
 @contextlib.contextmanager
