@@ -10,15 +10,18 @@ pid namespace with its writable corners read-only; the workspace read-write at a
 fixed path; and extra --ro/--rw binds. Nothing else: not /root, /home, /var,
 /sys, /run/sandgate. Every mount is nosuid, and nodev except the device binds.
 
-Symlink races: every bind source is resolved with realpath and opened O_PATH|O_NOFOLLOW
-*before* anything is mounted, and the bind is made from /proc/self/fd/N, so swapping a
-path component for a symlink after the check changes nothing. Targets live in the
-fresh root, which only sandgate writes to until the pivot.
+Symlink races: every bind source is resolved with realpath and checked when the
+command line is read; init then opens exactly that path with openat2
+(RESOLVE_NO_SYMLINKS: no component may be a symlink, so a directory swapped for a
+link after the check fails the open) and binds from /proc/self/fd/N, so the mount is
+of what was opened. Targets live in the fresh root, which only sandgate writes to
+until the pivot.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Iterator, Sequence
@@ -83,9 +86,12 @@ class MountPlan:
 def _check_extra(path: str, flag: str) -> str:
     if not os.path.isabs(path):
         raise MountError(f"{flag} {path}: must be an absolute path")
-    real = os.path.realpath(path)
-    if not os.path.exists(real):
-        raise MountError(f"{flag} {path}: does not exist")
+    try:
+        real = os.path.realpath(path, strict=True)
+    except FileNotFoundError as exc:
+        raise MountError(f"{flag} {path}: does not exist") from exc
+    except OSError as exc:
+        raise MountError(f"{flag} {path}: cannot resolve it: {exc.strerror or exc}") from exc
     for bad in FORBIDDEN_TREES:
         if real == bad or real.startswith(bad + "/") or bad.startswith(real.rstrip("/") + "/"):
             raise MountError(f"{flag} {path}: {real} is never mounted into a sandbox ({bad})")
@@ -132,11 +138,21 @@ def plan_mounts(spec: FilesystemSpec, host_root: str = "/") -> MountPlan:
 
 
 def _open_path(path: str) -> int:
-    """An O_PATH descriptor to exactly this (resolved) path; refuses a swapped-in symlink."""
+    """An O_PATH descriptor to exactly this resolved path: no component may be a symlink."""
+    resolve = syscalls.RESOLVE_NO_SYMLINKS | syscalls.RESOLVE_NO_MAGICLINKS
     try:
-        return os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = syscalls.openat2(path, os.O_PATH | os.O_CLOEXEC, resolve)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MountError(
+                f"{path}: a component became a symlink after it was checked; refusing it"
+            ) from exc
         raise MountError(f"{path}: cannot open: {exc.strerror}") from exc
+    # Belt and braces: the kernel's own name for what was opened is the checked path.
+    if os.readlink(f"/proc/self/fd/{fd}") != path:
+        os.close(fd)
+        raise MountError(f"{path}: opened something else; refusing it")
+    return fd
 
 
 def _mkdirs(path: str) -> None:

@@ -9,6 +9,7 @@ errno and the call named, so callers never check return codes.
 from __future__ import annotations
 
 import os
+import struct
 from functools import cache
 
 from cffi import FFI
@@ -76,6 +77,27 @@ def pivot_root(new_root: str, put_old: str) -> None:
         ffi.new("char[]", os.fsencode(put_old)),
     )
     check(ret, "pivot_root")
+
+
+# openat2 has no glibc wrapper; its number is the same on every architecture.
+_SYS_OPENAT2 = 437
+_AT_FDCWD = -100
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+
+
+def openat2(path: str, flags: int, resolve: int) -> int:
+    """open(2) with RESOLVE_* rules applied to every component of `path` (Linux 5.6+)."""
+    ffi, lib = libc()
+    how = ffi.new("char[]", struct.pack("=QQQ", flags, 0, resolve))
+    ret = lib.syscall(
+        ffi.cast("long", _SYS_OPENAT2),
+        ffi.cast("int", _AT_FDCWD),
+        ffi.new("char[]", os.fsencode(path)),
+        how,
+        ffi.cast("size_t", 24),
+    )
+    return check(ret, f"openat2 {path}")
 
 
 # --- Capabilities and seccomp (used by runner/caps.py and runner/seccomp.py) ---

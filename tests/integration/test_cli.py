@@ -35,11 +35,12 @@ def sandbox_ids_in_kernel() -> set[str]:
 
 @pytest.fixture
 def state(tmp_path):
-    before = sandbox_ids_in_kernel()
-    yield tmp_path / "state"
-    # Whatever a test kept, remove it through the CLI itself.
-    for sid in sandbox_ids_in_kernel() - before:
-        sandgate("rm", sid, state_dir=tmp_path / "state")
+    state_dir = tmp_path / "state"
+    yield state_dir
+    # Whatever a test kept, remove it through the CLI itself: only this test's own
+    # sandboxes (its state directory's records), never another run's.
+    for record in (state_dir / "sandboxes").glob("*.json"):
+        sandgate("rm", record.stem, state_dir=state_dir)
 
 
 @pytest.mark.parametrize(
@@ -80,11 +81,11 @@ def test_command_sees_only_its_sandbox_network(state):
 
 
 def test_ctrl_c_reaches_the_command_and_cleans_up(state):
-    before = sandbox_ids_in_kernel()
     proc = subprocess.Popen(
         [
             SANDGATE,
             "run",
+            "--json",
             "--state-dir",
             str(state),
             "--",
@@ -93,18 +94,20 @@ def test_ctrl_c_reaches_the_command_and_cleans_up(state):
             "trap 'echo got-int; exit 42' INT; echo ready; while :; do sleep 0.1; done",
         ],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
         assert proc.stdout.readline() == "ready\n"
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert out == "got-int\n"
     assert proc.returncode == 42
-    assert sandbox_ids_in_kernel() == before
+    sid = json.loads(err.strip().splitlines()[-1])["id"]
+    assert sid not in sandbox_ids_in_kernel()
 
 
 def test_sigterm_kills_a_command_that_ignores_nothing(state):
