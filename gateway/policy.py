@@ -80,7 +80,8 @@ HTTPS_PORT = 443
 # forwarded (it echoes requests, credentials included).
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
-_TOP_KEYS = ("egress", "limits", "git")
+_TOP_KEYS = ("egress", "limits", "mounts", "git")
+_MOUNTS_KEYS = ("ro", "rw")
 _EGRESS_KEYS = (
     "allow_cidrs",
     "max_body",
@@ -396,6 +397,15 @@ class ProcessLimits:
 
 
 @dataclass(frozen=True)
+class ExtraMounts:
+    """[mounts]: host paths bound into the sandbox at the same path (the runner checks
+    them against the paths that never enter a sandbox when it plans the mounts)."""
+
+    ro: tuple[str, ...] = ()
+    rw: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RepoRule:
     """One [[git.repos]] entry. `url` is canonical ("https://host/org/repo", no
     trailing ".git" or "/"); `host` is normalised, `path` keeps its case ("/org/repo").
@@ -420,6 +430,7 @@ class Policy:
     egress: EgressPolicy = EgressPolicy()
     limits: ProcessLimits = ProcessLimits()
     repos: tuple[RepoRule, ...] = ()
+    mounts: ExtraMounts = ExtraMounts()
 
 
 DEFAULT_POLICY = Policy(name="default", source=None)
@@ -789,6 +800,26 @@ class _Validator:
         cpus = self.number(t, "cpus", "limits", 0.0) or None
         return ProcessLimits(memory, pids, cpus, self.duration(t, "timeout", "limits"))
 
+    def mounts(self, raw: object) -> ExtraMounts:
+        t = self.table(raw, "mounts", _MOUNTS_KEYS)
+        found: dict[str, tuple[str, ...]] = {}
+        seen: dict[str, str] = {}
+        for key in _MOUNTS_KEYS:
+            paths: list[str] = []
+            for i, path in enumerate(self.array(t.get(key, []), f"mounts.{key}")):
+                at = f"mounts.{key}[{i}]"
+                if not isinstance(path, str):
+                    self.error(at, f'expected a path such as "/srv/cache", got {_type_name(path)}')
+                elif not path.startswith("/") or "\0" in path or path != path.strip():
+                    self.bad_value(at, path, "must be an absolute path")
+                elif path.rstrip("/") in seen:
+                    self.bad_value(at, path, f"already listed at {seen[path.rstrip('/')]}")
+                else:
+                    seen[path.rstrip("/")] = at
+                    paths.append(path)
+            found[key] = tuple(paths)
+        return ExtraMounts(ro=found["ro"], rw=found["rw"])
+
     def git(self, raw: object) -> tuple[RepoRule, ...]:
         t = self.table(raw, "git", _GIT_KEYS)
         repos: list[RepoRule] = []
@@ -937,12 +968,15 @@ def parse_policy(text: str, source: str = "<string>", *, name: str | None = None
     egress = v.egress(top.get("egress", {}))
     limits = v.limits(top.get("limits", {}))
     repos = v.git(top.get("git", {}))
+    mounts = v.mounts(top.get("mounts", {}))
     if v.errors:
         errors = sorted(v.errors, key=lambda e: (e.line is None, e.line or 0))
         raise errors[0] if len(errors) == 1 else PolicyErrors(errors)
     if name is None:
         name = "inline" if source.startswith("<") else PurePath(source).stem
-    return Policy(name=name, source=source, egress=egress, limits=limits, repos=repos)
+    return Policy(
+        name=name, source=source, egress=egress, limits=limits, repos=repos, mounts=mounts
+    )
 
 
 _TOML_POSITION = re.compile(r"(?P<msg>.*?) \(at line (?P<line>[0-9]+), column (?P<col>[0-9]+)\)$")
@@ -1149,6 +1183,7 @@ def policy_summary(policy: Policy) -> dict[str, Any]:
             "cpus": policy.limits.cpus,
             "timeout": policy.limits.timeout,
         },
+        "mounts": {"ro": list(policy.mounts.ro), "rw": list(policy.mounts.rw)},
         "git": {"repos": [_repo_summary(repo) for repo in policy.repos]},
     }
 

@@ -140,8 +140,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         identity = resolve_identity(args.user)
         fs = FilesystemSpec(
             workspace=args.workspace,
-            ro=tuple(args.ro),
-            rw=tuple(args.rw),
+            ro=(*policy.mounts.ro, *args.ro),
+            rw=(*policy.mounts.rw, *args.rw),
             uid=identity.uid,
             gid=identity.gid,
         )

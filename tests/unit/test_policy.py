@@ -201,7 +201,7 @@ def test_unknown_top_level_key() -> None:
     assert err.field == "egres"
     assert "unknown key 'egres'" in err.message
     assert "did you mean 'egress'?" in err.message
-    assert "egress, limits, git" in err.message
+    assert "egress, limits, mounts, git" in err.message
 
 
 def test_unknown_key_in_an_allow_rule() -> None:
@@ -955,3 +955,31 @@ def test_default_policy_summary() -> None:
 
 def test_policy_type_is_exported() -> None:
     assert isinstance(DEFAULT_POLICY, Policy)
+
+
+# --- [mounts] ----------------------------------------------------------------------
+
+
+def test_mounts_lists_absolute_paths():
+    from gateway.policy import parse_policy
+
+    policy = parse_policy('[mounts]\nro = ["/srv/cache"]\nrw = ["/srv/out"]\n')
+    assert policy.mounts.ro == ("/srv/cache",) and policy.mounts.rw == ("/srv/out",)
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ('ro = ["relative"]', "mounts.ro[0]", "absolute"),
+        ("rw = [3]", "mounts.rw[0]", "expected a path"),
+        ('ro = ["/a"]\nrw = ["/a/"]', "mounts.rw[0]", "already listed"),
+        ('ro = "/a"', "mounts.ro", "expected an array"),
+        ('tmp = ["/a"]', "mounts.tmp", "unknown key"),
+    ],
+)
+def test_mounts_errors_name_the_field(body, field, message):
+    from gateway.policy import PolicyError, parse_policy
+
+    with pytest.raises(PolicyError) as err:
+        parse_policy(f"[mounts]\n{body}\n", "p.toml")
+    assert err.value.field == field and message in str(err.value)
