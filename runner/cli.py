@@ -138,12 +138,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     timeout = args.timeout if args.timeout is not None else policy.limits.timeout
     try:
         identity = resolve_identity(args.user)
+        # The home and workspace tmpfs belong to the command's ids as the host sees them.
+        owner = identity.userns or (identity.uid, identity.gid)
         fs = FilesystemSpec(
             workspace=args.workspace,
             ro=(*policy.mounts.ro, *args.ro),
             rw=(*policy.mounts.rw, *args.rw),
-            uid=identity.uid,
-            gid=identity.gid,
+            uid=owner[0],
+            gid=owner[1],
         )
         plan = plan_mounts(fs)
     except (IdentityError, MountError) as exc:
@@ -214,6 +216,7 @@ def _run_command(sandbox, argv, args, identity, fs, plan, timeout) -> dict:
         gid=identity.gid,
         hostname=sandbox.id,
         mounts=plan,
+        userns=identity.userns,
     )
     t0 = time.monotonic()
     try:
@@ -518,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--user",
         metavar="USER[:GROUP]",
         help="unprivileged user to run CMD as; default: the user behind sudo, else the "
-        "_sandgate system user, else nobody. Root is refused.",
+        "_sandgate system user, else nobody. `root` means root inside a user namespace "
+        "mapped to that unprivileged user; uid 0 on the host is refused.",
     )
     run.add_argument("--memory", type=_size, metavar="SIZE", help="memory limit, e.g. 512M, 2G")
     run.add_argument("--pids", type=_positive_int, metavar="N", help="process/thread limit")

@@ -26,7 +26,9 @@ class Identity:
     uid: int
     gid: int
     name: str  # for USER/LOGNAME inside; "sandbox" when the uid has no passwd entry
-    source: str  # "--user", "SUDO_UID", "sandbox user", "nobody"
+    source: str  # "--user", "SUDO_UID", "sandbox user", "nobody", "user namespace"
+    # `--user root`: uid/gid are 0 inside a user namespace whose root is these host ids.
+    userns: tuple[int, int] | None = None
 
 
 def _name_of(uid: int) -> str:
@@ -63,12 +65,25 @@ def _parse_user(spec: str) -> tuple[int, int]:
     return uid, gid
 
 
+def _sandbox_user() -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(SANDBOX_USER)
+        return entry.pw_uid, entry.pw_gid
+    except KeyError:
+        return NOBODY, NOBODY
+
+
 def resolve_identity(user: str | None, environ: Mapping[str, str] | None = None) -> Identity:
     """`--user` if given, else the invoking user behind sudo, else the sandbox user.
 
     Root (uid or gid 0) is refused: a sandbox never runs code as the host's root.
+    `--user root` (the name) means root inside a user namespace whose root is the
+    sandbox user on the host; `--user 0` stays refused, so the difference is explicit.
     """
     env = os.environ if environ is None else environ
+    if user == "root":
+        host = _sandbox_user()
+        return Identity(uid=0, gid=0, name="root", source="user namespace", userns=host)
     if user is not None:
         uid, gid = _parse_user(user)
         source = "--user"
@@ -77,11 +92,7 @@ def resolve_identity(user: str | None, environ: Mapping[str, str] | None = None)
         gid = int(env["SUDO_GID"]) if env.get("SUDO_GID", "").isdigit() else uid
         source = "SUDO_UID"
     else:
-        try:
-            entry = pwd.getpwnam(SANDBOX_USER)
-            uid, gid, source = entry.pw_uid, entry.pw_gid, "sandbox user"
-        except KeyError:
-            uid, gid, source = NOBODY, NOBODY, "nobody"
+        (uid, gid), source = _sandbox_user(), "sandbox user"
     if uid == 0 or gid == 0:
         raise IdentityError(
             f"refusing to run sandboxed code as uid {uid} gid {gid}: root on the host is "

@@ -56,6 +56,9 @@ class CommandSpec:
     hostname: str
     mounts: mounts.MountPlan
     nofile: int = 4096
+    # (host uid, host gid) that root inside a user namespace maps to (`--user root`);
+    # None: no user namespace, the command runs as uid/gid directly.
+    userns: tuple[int, int] | None = None
     seccomp_filter: bytes = b""  # filled by process.launch from seccomp.build_filter()
 
 
@@ -72,7 +75,33 @@ def _set_rlimits(nofile: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
-def _exec_command(spec: CommandSpec, errpipe: int) -> None:
+def _write_id_maps(pid: int, userns: tuple[int, int]) -> None:
+    """From init (root on the host): root inside the command's user namespace is the
+    unprivileged host uid/gid, and nothing else is mapped."""
+    uid, gid = userns
+    for name, text in (
+        ("setgroups", "deny"),
+        ("uid_map", f"0 {uid} 1\n"),
+        ("gid_map", f"0 {gid} 1\n"),
+    ):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(text)
+
+
+def _enter_user_namespace(sync_w: int, sync_r: int) -> None:
+    """In the command's process, for `--user root`: a user namespace that owns none of
+    the sandbox's other namespaces (so its root can change nothing), whose root init
+    maps to the unprivileged host ids; then become that root."""
+    os.setgroups([])  # host root's supplementary groups must not come along
+    syscalls.unshare(syscalls.CLONE_NEWUSER)
+    os.write(sync_w, b"u")
+    if os.read(sync_r, 1) != b"m":
+        raise OSError(errno.EPERM, "init did not map the user namespace")
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
+def _exec_command(spec: CommandSpec, errpipe: int, sync: tuple[int, int] | None) -> None:
     """In the command's process: drop everything, then exec. Never returns."""
     try:
         for sig in range(1, signal.NSIG):
@@ -82,7 +111,14 @@ def _exec_command(spec: CommandSpec, errpipe: int) -> None:
         _set_rlimits(spec.nofile)
         os.chdir(spec.cwd)
         os.umask(0o022)
-        caps.drop_privileges(spec.uid, spec.gid)
+        if sync is None:
+            caps.drop_privileges(spec.uid, spec.gid)
+        else:
+            _enter_user_namespace(*sync)
+            # Root of an otherwise empty user namespace: keep the uid, lose every
+            # capability anyway.
+            caps.drop_all_capabilities()
+            caps.set_no_new_privs()
         # Dropping credentials clears the parent-death signal; set it again.
         syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         seccomp.install_filter(spec.seccomp_filter or seccomp.build_filter())
@@ -123,12 +159,25 @@ def run_init(spec: CommandSpec, status_fd: int) -> None:
     watched = set(FORWARDED_SIGNALS) | {signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    # `--user root`: two pipes to hand the command's new user namespace its id maps.
+    to_init = os.pipe2(os.O_CLOEXEC) if spec.userns else None
+    to_cmd = os.pipe2(os.O_CLOEXEC) if spec.userns else None
     pid = os.fork()
     if pid == 0:
         os.close(err_r)
         os.close(status_fd)
-        _exec_command(spec, err_w)
+        sync = (to_init[1], to_cmd[0]) if to_init and to_cmd else None
+        _exec_command(spec, err_w, sync)
     os.close(err_w)
+    if spec.userns and to_init and to_cmd:
+        os.close(to_init[1])
+        os.close(to_cmd[0])
+        if os.read(to_init[0], 1) == b"u":
+            with contextlib.suppress(OSError):
+                _write_id_maps(pid, spec.userns)
+                os.write(to_cmd[1], b"m")
+        os.close(to_init[0])
+        os.close(to_cmd[1])
     with os.fdopen(err_r, "rb") as f:
         failure = f.read()  # EOF at the exec (close-on-exec) or the failure report
     stamps["exec"] = time.monotonic()

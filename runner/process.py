@@ -114,6 +114,20 @@ def _take_terminal(tty: int | None, pgrp: int) -> None:
         signal.signal(signal.SIGTTOU, old)
 
 
+def _read_message(fd: int) -> bytes:
+    """One newline-terminated message from the entry process (b"" if it died first)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        try:
+            chunk = os.read(fd, 1)
+        except InterruptedError:
+            continue
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
 def _read_line(fd: int, deadline: float | None = None) -> bytes:
     """Everything up to EOF (the writer closed or died), or b"" at the deadline."""
     chunks = []
@@ -142,11 +156,11 @@ def _entry(spec: CommandSpec, netns_path: str, go_r: int, info_w: int, status_w:
             signal.signal(sig, signal.SIG_IGN)
         if os.read(go_r, 1) != b"g":
             os._exit(EXIT_SETUP)  # the runner went away before handing over the cgroup
-        os.close(go_r)
         ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
         syscalls.setns(ns_fd, syscalls.CLONE_NEWNET)
         os.close(ns_fd)
         syscalls.unshare(NAMESPACES)
+        os.close(go_r)
         pid = os.fork()
         if pid == 0:
             os.close(info_w)
@@ -264,9 +278,9 @@ def launch(spec: CommandSpec, netns_path: str, cgroup: Cgroup | None) -> Running
         if cgroup is not None:
             cgroup.add_process(pid)
         os.write(go_w, b"g")
+        info = _read_message(info_r).decode().strip()
         os.close(go_w)
         go_w = -1
-        info = _read_line(info_r).decode().strip()
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -518,12 +518,50 @@ def test_a_sandbox_cannot_see_another_sandboxs_files_or_processes(tmp_path):
 # --- who the command runs as ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("user", ["root", "0", "0:0", "root:nogroup", "nobody:0", "nobody:root"])
+@pytest.mark.parametrize("user", ["0", "0:0", "root:nogroup", "nobody:0", "nobody:root"])
 def test_root_user_or_group_is_refused(tmp_path, user):
     result = sandgate("run", "--user", user, "--", "id", state_dir=tmp_path / "state")
     assert result.returncode == 2, result.stderr
     assert "refusing to run sandboxed code" in result.stderr
     assert result.stdout == ""
+
+
+def test_user_root_is_root_only_inside_its_own_user_namespace(tmp_path):
+    """`--user root`: uid 0 inside, mapped to the unprivileged sandbox user on the host,
+    with no capabilities; what it writes to the workspace belongs to that host user."""
+    ws = _mkdir(tmp_path / "ws", 0o777)
+    code = (
+        "import json, os, ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "st = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
+        "open('/workspace/made-by-root', 'w').close()\n"
+        "r = libc.mount(b'none', b'/tmp', b'tmpfs', 0, None)\n"
+        "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(),\n"
+        "  'uid_map': open('/proc/self/uid_map').read().split(),\n"
+        "  'capeff': st['CapEff'].strip(), 'capbnd': st['CapBnd'].strip(),\n"
+        "  'mount': r, 'errno': ctypes.get_errno()}))\n"
+    )
+    result = sandgate(
+        "run",
+        "--user",
+        "root",
+        "--workspace",
+        str(ws),
+        "--",
+        "python3",
+        "-c",
+        code,
+        state_dir=tmp_path / "state",
+    )
+    assert result.returncode == 0, result.stderr
+    inside = json.loads(result.stdout)
+    assert (inside["uid"], inside["gid"]) == (0, 0)
+    host_uid = int(inside["uid_map"][1])
+    assert inside["uid_map"] == ["0", str(host_uid), "1"] and host_uid == SANDBOX_UID != 0
+    assert inside["capeff"] == inside["capbnd"] == "0000000000000000"
+    assert inside["mount"] == -1 and inside["errno"] == errno.EPERM
+    made = (ws / "made-by-root").stat()
+    assert (made.st_uid, made.st_gid) == SANDBOX_IDS
 
 
 # --- symlinks in --ro / --workspace paths ---------------------------------------------------

@@ -33,7 +33,7 @@ def test_then_the_sandbox_user_or_nobody():
     assert ident.uid == expected and ident.uid != 0
 
 
-@pytest.mark.parametrize("spec", ["root", "0", "0:0", "1000:0", "nobody:root"])
+@pytest.mark.parametrize("spec", ["0", "0:0", "1000:0", "nobody:root"])
 def test_root_is_refused(spec):
     with pytest.raises(IdentityError, match="refusing"):
         resolve_identity(spec, environ={})
@@ -54,3 +54,9 @@ def test_sudo_by_root_falls_through_to_the_sandbox_user():
 def test_unknown_names_are_clear_errors(spec, message):
     with pytest.raises(IdentityError, match=message):
         resolve_identity(spec, environ={})
+
+
+def test_user_root_means_root_in_a_user_namespace_of_the_sandbox_user():
+    ident = resolve_identity("root", environ={"SUDO_UID": "1000"})
+    assert (ident.uid, ident.gid, ident.source) == (0, 0, "user namespace")
+    assert ident.userns is not None and 0 not in ident.userns
