@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import resource
+import shutil
 import signal
 import time
 from collections.abc import Mapping
@@ -101,8 +102,9 @@ def _enter_user_namespace(sync_w: int, sync_r: int) -> None:
     os.setresuid(0, 0, 0)
 
 
-def _exec_command(spec: CommandSpec, errpipe: int, sync: tuple[int, int] | None) -> None:
-    """In the command's process: drop everything, then exec. Never returns."""
+def _exec_command(spec: CommandSpec, errpipe: int, sync: tuple[int, int]) -> None:
+    """In the forked command's process (`--user root`): enter the user namespace, drop
+    every capability, then exec. Never returns."""
     try:
         for sig in range(1, signal.NSIG):
             with contextlib.suppress(OSError, ValueError, RuntimeError):
@@ -111,14 +113,11 @@ def _exec_command(spec: CommandSpec, errpipe: int, sync: tuple[int, int] | None)
         _set_rlimits(spec.nofile)
         os.chdir(spec.cwd)
         os.umask(0o022)
-        if sync is None:
-            caps.drop_privileges(spec.uid, spec.gid)
-        else:
-            _enter_user_namespace(*sync)
-            # Root of an otherwise empty user namespace: keep the uid, lose every
-            # capability anyway.
-            caps.drop_all_capabilities()
-            caps.set_no_new_privs()
+        _enter_user_namespace(*sync)
+        # Root of an otherwise empty user namespace: keep the uid, lose every
+        # capability anyway.
+        caps.drop_all_capabilities()
+        caps.set_no_new_privs()
         # Dropping credentials clears the parent-death signal; set it again.
         syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         seccomp.install_filter(spec.seccomp_filter or seccomp.build_filter())
@@ -133,6 +132,74 @@ def _exec_command(spec: CommandSpec, errpipe: int, sync: tuple[int, int] | None)
     with contextlib.suppress(OSError):
         os.write(errpipe, json.dumps({"exit_code": code, "error": message}).encode())
     os._exit(code)
+
+
+def _no_inherited_fds() -> None:
+    """Mark every descriptor above stderr close-on-exec: the command inherits only 0-2."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
+
+
+def _spawn_unprivileged(spec: CommandSpec) -> tuple[int | None, dict | None]:
+    """init drops its own privileges to the command's (uid, no capabilities,
+    no_new_privs, seccomp) and then starts the command with posix_spawn, i.e. vfork:
+    no second copy of a Python process per sandbox. Dropping credentials also makes
+    init non-dumpable, so the command, though of the same uid, cannot read its memory.
+
+    Returns (pid, None), or (None, status) when the command could not be started.
+    """
+    try:
+        _set_rlimits(spec.nofile)
+        os.chdir(spec.cwd)
+        os.umask(0o022)
+        caps.drop_privileges(spec.uid, spec.gid)
+        seccomp.install_filter(spec.seccomp_filter or seccomp.build_filter())
+        _no_inherited_fds()
+    except Exception as exc:  # a privilege that would not drop: never start the command
+        return None, {"exit_code": EXIT_SETUP, "error": f"cannot drop privileges: {exc}"}
+    argv0 = spec.argv[0]
+    path = argv0 if "/" in argv0 else shutil.which(argv0, path=spec.env.get("PATH", ""))
+    if path is None:
+        return None, {"exit_code": EXIT_NOT_FOUND, "error": f"{argv0}: command not found"}
+    try:
+        pid = os.posix_spawn(
+            path,
+            list(spec.argv),
+            dict(spec.env),
+            setsigmask=(),
+            setsigdef=signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP},
+        )
+    except OSError as exc:
+        code = EXIT_NOT_FOUND if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
+        return None, {"exit_code": code, "error": f"{argv0}: {exc.strerror or exc}"}
+    return pid, None
+
+
+def _fork_into_user_namespace(spec: CommandSpec, status_fd: int) -> tuple[int | None, dict | None]:
+    """`--user root`: fork the command, which enters a user namespace of its own that
+    init (still root on the host) maps; the command then drops and execs itself."""
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    to_init = os.pipe2(os.O_CLOEXEC)
+    to_cmd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(err_r)
+        os.close(status_fd)
+        _exec_command(spec, err_w, (to_init[1], to_cmd[0]))
+    for fd in (err_w, to_init[1], to_cmd[0]):
+        os.close(fd)
+    if os.read(to_init[0], 1) == b"u":
+        with contextlib.suppress(OSError):
+            _write_id_maps(pid, spec.userns)
+            os.write(to_cmd[1], b"m")
+    os.close(to_init[0])
+    os.close(to_cmd[1])
+    with os.fdopen(err_r, "rb") as f:
+        failure = f.read()  # EOF at the exec (close-on-exec) or the failure report
+    return pid, (json.loads(failure) if failure else None)
 
 
 def _kill_everything_else() -> None:
@@ -158,34 +225,13 @@ def run_init(spec: CommandSpec, status_fd: int) -> None:
 
     watched = set(FORWARDED_SIGNALS) | {signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, watched)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    # `--user root`: two pipes to hand the command's new user namespace its id maps.
-    to_init = os.pipe2(os.O_CLOEXEC) if spec.userns else None
-    to_cmd = os.pipe2(os.O_CLOEXEC) if spec.userns else None
-    pid = os.fork()
-    if pid == 0:
-        os.close(err_r)
-        os.close(status_fd)
-        sync = (to_init[1], to_cmd[0]) if to_init and to_cmd else None
-        _exec_command(spec, err_w, sync)
-    os.close(err_w)
-    if spec.userns and to_init and to_cmd:
-        os.close(to_init[1])
-        os.close(to_cmd[0])
-        if os.read(to_init[0], 1) == b"u":
-            with contextlib.suppress(OSError):
-                _write_id_maps(pid, spec.userns)
-                os.write(to_cmd[1], b"m")
-        os.close(to_init[0])
-        os.close(to_cmd[1])
-    with os.fdopen(err_r, "rb") as f:
-        failure = f.read()  # EOF at the exec (close-on-exec) or the failure report
+    if spec.userns is None:
+        pid, status = _spawn_unprivileged(spec)
+    else:
+        pid, status = _fork_into_user_namespace(spec, status_fd)
     stamps["exec"] = time.monotonic()
-    status: dict | None = None
-    if failure:
-        status = json.loads(failure)
 
-    while True:
+    while pid is not None:
         info = signal.sigwaitinfo(watched)
         if info.si_signo != signal.SIGCHLD:
             if info.si_code != _SI_KERNEL:

@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 
 def outcome(fn) -> object:
@@ -126,6 +127,9 @@ def main() -> None:
             "ns_mnt": outcome(lambda: os.close(os.open("/proc/1/ns/mnt", os.O_RDONLY))),
             "root": outcome(lambda: os.listdir("/proc/1/root")),
             "kill": outcome(lambda: os.kill(1, 9)),
+            # The kernel drops signals to a pid namespace's init that it has no handler
+            # for, whoever sends them: init must still be there.
+            "alive_after_kill": (time.sleep(0.2), os.path.exists("/proc/1/status"))[1],
         },
         "writes": writes,
     }
