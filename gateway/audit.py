@@ -1,0 +1,121 @@
+"""The audit log: one JSON line per gateway decision, appended to a file.
+
+Every line has the same fields (null where one does not apply): request_id, time
+(RFC 3339, UTC), sandbox, endpoint ("tcp" or "unix"), method, host, port, addr (the
+address dialed), path (plain HTTP only), decision ("allow", "deny" or "error"), rule,
+reason, status, bytes_up, bytes_down, duration_ms. Headers and bodies are never logged; the path is
+logged as sent, query included.
+
+Appends are line-atomic: the file is opened with O_APPEND and each line is one
+write(2). POSIX promises atomicity of O_APPEND writes only for pipes (up to
+PIPE_BUF), but on local Linux filesystems (ext4, xfs, btrfs, tmpfs) a single
+write() to an O_APPEND file takes the inode lock, so a full line never interleaves
+with another appender's. Not on NFS. A short write (disk full) is completed with
+further writes: the line is then no longer atomic, but it is not lost halfway.
+
+`redact` is for code that handles credentials (the git gateway): it removes every
+occurrence of every given secret from a text before it is logged or shown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets as _secrets
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+DEFAULT_AUDIT_PATH = "/var/log/sandgate/audit.jsonl"
+REDACTED = "[REDACTED]"
+
+
+def new_request_id() -> str:
+    """16 hex digits, random: unguessable, and short enough to quote in a bug report."""
+    return _secrets.token_hex(8)
+
+
+def rfc3339_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class AuditRecord:
+    """One decision. Mutable: the proxy fills it in as the exchange goes, and writes
+    it once when the connection ends (or at once, for a denial)."""
+
+    request_id: str
+    sandbox: str
+    endpoint: str
+    time: str = field(default_factory=rfc3339_now)
+    method: str | None = None
+    host: str | None = None
+    port: int | None = None
+    addr: str | None = None
+    path: str | None = None
+    decision: str = "error"
+    rule: str | None = None
+    reason: str | None = None
+    status: int | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    duration_ms: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def to_line(self) -> bytes:
+        return (json.dumps(self.as_dict(), separators=(",", ":")) + "\n").encode("utf-8")
+
+
+class AuditLog:
+    """An append-only JSON-lines file. The parent directory is created (mode 0750)
+    if missing; the file is created with mode 0640."""
+
+    def __init__(self, path: str = DEFAULT_AUDIT_PATH) -> None:
+        self.path = path
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, mode=0o750, exist_ok=True)
+        self._fd: int | None = os.open(
+            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
+        )
+
+    def write(self, record: AuditRecord) -> None:
+        if self._fd is None:
+            raise ValueError("the audit log is closed")
+        view = memoryview(record.to_line())
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every character that belongs to an occurrence of any of `secrets`
+    replaced, one REDACTED marker per run. Overlapping and nested occurrences are
+    covered whole (no fragment of any secret survives); empty secrets are ignored."""
+    covered = [False] * len(text)
+    for secret in set(secrets):
+        if not secret:
+            continue
+        start = text.find(secret)
+        while start >= 0:
+            covered[start : start + len(secret)] = [True] * len(secret)
+            start = text.find(secret, start + 1)
+    out: list[str] = []
+    for i, ch in enumerate(text):
+        if not covered[i]:
+            out.append(ch)
+        elif i == 0 or not covered[i - 1]:
+            out.append(REDACTED)
+    return "".join(out)

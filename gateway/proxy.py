@@ -1,0 +1,878 @@
+"""The egress proxy: asyncio listeners per sandbox that move bytes and ask.
+
+gateway/http.py parses, gateway/policy.py decides, gateway/addr.py classifies,
+gateway/ratelimit.py counts and gateway/audit.py records; this module owns sockets,
+timeouts and the order of the questions. Per connection, one request:
+
+  read the head (bounded, head_timeout)       malformed      -> 400 (501, 505)
+  in-sandbox API (Unix listener, origin-form) GET /_sandgate/v1/policy, /denials
+  request rate (token bucket)                 over           -> 429
+  open connections                            over the cap   -> 429
+  policy.decide                               denied         -> 403 (413: body size)
+  upload budget vs Content-Length             over           -> 429
+  body bytes that came with the head          malformed/big  -> 400/413, nothing dialed
+  resolve (thread pool) and classify          refused        -> 403
+  dial exactly a checked address              fails          -> 502, times out -> 504
+  CONNECT: "200 Connection established", then relay both ways
+  HTTP: the rebuilt head and re-framed body, then the response relayed unchanged
+
+Identity is the listener a connection arrived on, never something the client says.
+Each connection carries one request (plain HTTP is sent upstream with
+`Connection: close` and the response is relayed until the upstream closes, then the
+client connection is closed too), so every decision is one audit line, written
+when the connection ends (a refusal, at once).
+
+Moving bytes. Tunnels and plain-HTTP responses are relayed by two pumps, one per
+direction, that run on the event loop. A tunnel pump uses splice(2) (socket ->
+pipe -> socket, zero-copy) on non-blocking sockets, waiting with add_reader and
+add_writer: it reads at most one pipe's worth and does not read again until that
+is written, so a slow receiver stops the sender through TCP flow control, and no
+thread is needed per tunnel (a thread per tunnel would cost a stack and a kernel
+task per connection and would need its own idle/total timeout machinery). When a
+socket does not support splice (EINVAL) the pump falls back to recv/send. The
+plain-HTTP response uses recv/send so the status line can be read for the log.
+Upload bytes (tunnel client->upstream, plain-HTTP head and body) are charged to the
+sandbox's budget before they are written: when it runs out, the connection is
+closed, and a chunked body then never gets its terminating 0-chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import functools
+import json
+import logging
+import os
+import re
+import socket
+import stat
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from typing import Any
+
+from gateway import http
+from gateway.addr import (
+    AddressRefused,
+    IPAddress,
+    IPNetwork,
+    Resolver,
+    parse_ip_literal,
+    resolve_and_check,
+    system_resolver,
+)
+from gateway.audit import DEFAULT_AUDIT_PATH, AuditLog, AuditRecord, new_request_id
+from gateway.http import BadRequest, ProxyRequest, RequestKind, RequestReader
+from gateway.policy import DEFAULT_DENY, Decision, EgressPolicy, Policy, Request, decide
+from gateway.policy import policy_summary as _policy_summary
+from gateway.ratelimit import SandboxLimits
+
+log = logging.getLogger("sandgate.gateway")
+
+RECV_SIZE = 64 * 1024
+PIPE_SIZE = 1024 * 1024  # asked for; the kernel may give less (fs.pipe-max-size)
+API_PREFIX = "/_sandgate/"
+API_POLICY = "/_sandgate/v1/policy"
+API_DENIALS = "/_sandgate/v1/denials"
+GATEWAY_SOCKET_IN_SANDBOX = "/run/sandgate/gateway.sock"
+REFUSED_HEAD_TIMEOUT = 2.0  # over the connection cap: read the head only briefly
+LINGER_TIMEOUT = 1.0
+LINGER_BYTES = 256 * 1024
+_RESPONSE_STATUS = re.compile(rb"HTTP/1\.[01] ([0-9]{3})")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """`self_addrs` are the host's own addresses or networks (the sandbox pool, the
+    host's interfaces): never dialed whatever a policy allows. The TCP listener
+    addresses of all sandboxes are added to them automatically. `splice` False makes
+    tunnels use recv/send (for measurement and for kernels without splice)."""
+
+    audit_path: str = DEFAULT_AUDIT_PATH
+    resolver: Resolver = system_resolver
+    connect_timeout: float = 10.0
+    head_timeout: float = 30.0
+    idle_timeout: float = 300.0
+    tunnel_total_timeout: float = 3600.0
+    self_addrs: frozenset[IPAddress | IPNetwork | str] = frozenset()
+    splice: bool = True
+    recent_denials: int = 100
+    resolver_threads: int = 16
+
+
+@dataclass(frozen=True)
+class SandboxEndpoints:
+    """Where a sandbox's listeners are bound (the real port when 0 was asked)."""
+
+    tcp: tuple[str, int] | None
+    unix: str | None
+
+
+class _Refusal(Exception):
+    """Stop this exchange: answer `status` (unless the response has started), audit."""
+
+    def __init__(self, status: int, decision: str, rule: str, reason: str, hint: str = "") -> None:
+        self.status = status
+        self.decision = decision
+        self.rule = rule
+        self.reason = reason
+        self.hint = hint
+        super().__init__(reason)
+
+
+class _IdleTimeout(Exception):
+    pass
+
+
+@dataclass
+class _Exchange:
+    """One client connection's progress; `record` becomes its audit line."""
+
+    record: AuditRecord
+    counted: bool  # holds one of the sandbox's connection slots
+    started: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)
+    received: int = 0
+    responded: bool = False  # bytes of a response reached the client
+    audit: bool = True
+    status_sniff: bytearray = field(default_factory=bytearray)
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+
+@dataclass
+class _Sandbox:
+    id: str
+    policy: Policy
+    limits: SandboxLimits
+    denials: deque[dict[str, Any]]
+    listeners: list[socket.socket] = field(default_factory=list)
+    accept_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    connections: set[asyncio.Task[None]] = field(default_factory=set)
+    unix_path: str | None = None
+
+
+class Gateway:
+    """Serves every sandbox's egress from the running event loop (uvloop in the
+    runner; the default loop works too)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self._audit = AuditLog(config.audit_path)
+        self._sandboxes: dict[str, _Sandbox] = {}
+        self._resolver_pool = ThreadPoolExecutor(
+            config.resolver_threads, thread_name_prefix="sandgate-resolve"
+        )
+
+    # --- sandboxes ---------------------------------------------------------------------
+
+    async def add_sandbox(
+        self,
+        sandbox_id: str,
+        policy: Policy,
+        tcp: tuple[str, int] | None = None,
+        unix_path: str | None = None,
+    ) -> SandboxEndpoints:
+        """Listen for `sandbox_id` on a TCP address and/or a Unix socket path. A stale
+        socket file at `unix_path` is replaced; any other file there is an error."""
+        if sandbox_id in self._sandboxes:
+            raise ValueError(f"sandbox {sandbox_id} already has gateway endpoints")
+        if tcp is None and unix_path is None:
+            raise ValueError("a sandbox needs a TCP or a Unix endpoint")
+        egress = policy.egress
+        sandbox = _Sandbox(
+            sandbox_id,
+            policy,
+            SandboxLimits.from_policy(egress),
+            deque(maxlen=self.config.recent_denials),
+        )
+        tcp_bound: tuple[str, int] | None = None
+        try:
+            if tcp is not None:
+                sock = _tcp_listener(*tcp)
+                sandbox.listeners.append(sock)
+                tcp_bound = sock.getsockname()[:2]
+                self._start_accepting(sandbox, sock, "tcp")
+            if unix_path is not None:
+                sock = _unix_listener(unix_path)
+                sandbox.unix_path = unix_path
+                sandbox.listeners.append(sock)
+                self._start_accepting(sandbox, sock, "unix")
+        except BaseException:
+            await self._stop(sandbox)
+            raise
+        self._sandboxes[sandbox_id] = sandbox
+        return SandboxEndpoints(tcp_bound, unix_path)
+
+    async def remove_sandbox(self, sandbox_id: str) -> None:
+        """Close the sandbox's listeners and every connection it has open."""
+        sandbox = self._sandboxes.pop(sandbox_id, None)
+        if sandbox is not None:
+            await self._stop(sandbox)
+
+    async def close(self) -> None:
+        for sandbox_id in list(self._sandboxes):
+            await self.remove_sandbox(sandbox_id)
+        self._resolver_pool.shutdown(wait=False, cancel_futures=True)
+        self._audit.close()
+
+    def denials(self, sandbox_id: str) -> list[dict[str, Any]]:
+        """The sandbox's recent denials and errors, oldest first (audit records)."""
+        sandbox = self._sandboxes.get(sandbox_id)
+        return [dict(d) for d in sandbox.denials] if sandbox else []
+
+    def _start_accepting(self, sandbox: _Sandbox, sock: socket.socket, endpoint: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._accept(sandbox, sock, endpoint))
+        sandbox.accept_tasks.append(task)
+
+    async def _stop(self, sandbox: _Sandbox) -> None:
+        tasks = [*sandbox.accept_tasks, *sandbox.connections]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sock in sandbox.listeners:
+            sock.close()
+        if sandbox.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sandbox.unix_path)
+
+    async def _accept(self, sandbox: _Sandbox, sock: socket.socket, endpoint: str) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("gateway %s: accept: %s; retrying", sandbox.id, e.strerror)
+                    await asyncio.sleep(0.1)
+                    continue
+                if e.errno == errno.ECONNABORTED:
+                    continue
+                raise
+            conn.setblocking(False)
+            task = loop.create_task(self._serve(sandbox, conn, endpoint))
+            sandbox.connections.add(task)
+            task.add_done_callback(sandbox.connections.discard)
+
+    # --- one connection ----------------------------------------------------------------
+
+    async def _serve(self, sandbox: _Sandbox, client: socket.socket, endpoint: str) -> None:
+        ex = _Exchange(
+            AuditRecord(new_request_id(), sandbox.id, endpoint),
+            counted=sandbox.limits.open_connection(),
+        )
+        record = ex.record
+        try:
+            if client.family != socket.AF_UNIX:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await self._handle(sandbox, client, ex)
+        except _Refusal as r:
+            record.decision, record.rule, record.reason = r.decision, r.rule, r.reason
+            if not ex.responded:
+                record.status = r.status
+                await self._refuse(client, r, record)
+        except asyncio.CancelledError:
+            closed = "closed: the sandbox was removed"
+            record.reason = f"{record.reason}; {closed}" if record.reason else closed
+            raise
+        except OSError as e:
+            if record.decision != "allow":
+                record.decision = "error"
+            record.reason = f"connection error: {e.strerror or e}"
+        except Exception:
+            log.exception("gateway %s: request %s failed", sandbox.id, record.request_id)
+            record.decision, record.reason = "error", "internal error"
+            if not ex.responded:
+                record.status = 500
+                with contextlib.suppress(Exception):
+                    await self._refuse(client, _Refusal(500, "error", "", "internal error"), record)
+        finally:
+            if ex.counted:
+                sandbox.limits.close_connection()
+            client.close()
+            record.duration_ms = round((time.monotonic() - ex.started) * 1000)
+            if ex.audit:
+                self._audit.write(record)
+                if record.decision != "allow":
+                    sandbox.denials.append(record.as_dict())
+
+    async def _handle(self, sandbox: _Sandbox, client: socket.socket, ex: _Exchange) -> None:
+        record = ex.record
+        reader = RequestReader(allow_origin_form=client.family == socket.AF_UNIX)
+        req = await self._read_head(client, reader, ex)
+        if req is None:
+            ex.audit = False  # connected and closed without a byte: nothing was asked
+            return
+        record.method = req.method
+        if req.kind is RequestKind.LOCAL:
+            if not req.path.startswith(API_PREFIX):
+                raise _Refusal(
+                    400,
+                    "deny",
+                    "http.malformed",
+                    "this is a forward proxy: send absolute-form requests (GET http://host/path) "
+                    f"or CONNECT host:port; origin-form is only for {API_PREFIX}",
+                )
+            ex.audit = False  # the in-sandbox API is not egress
+            await self._api(sandbox, client, req, record.request_id)
+            return
+        record.host, record.port = req.target_host, req.port
+        record.path = req.path or None
+        egress = sandbox.policy.egress
+        if not sandbox.limits.try_acquire_request():
+            raise _Refusal(
+                429,
+                "deny",
+                "egress.rate",
+                f"more than {egress.rate:g} requests a second (burst {egress.burst})",
+            )
+        if not ex.counted:
+            raise _Refusal(
+                429,
+                "deny",
+                "egress.max_connections",
+                f"{egress.max_connections} connections are already open (egress.max_connections)",
+            )
+        decision, status = _decide(egress, req)
+        record.rule = decision.rule
+        if not decision.allowed:
+            raise _Refusal(
+                status, "deny", decision.rule, decision.reason, _how_to_allow(req, decision)
+            )
+        upload = sandbox.limits.upload
+        if req.content_length is not None and req.content_length > upload.remaining:
+            raise _Refusal(429, "deny", "egress.upload_budget", _budget_reason(upload.limit))
+        early: list[http.Event] = []
+        if not req.is_connect:
+            if decision.max_body is not None:
+                reader.limit_body(decision.max_body)
+            # Body bytes that came with the head are checked before anything is dialed,
+            # so a malformed or oversized body in the first packet reaches nothing.
+            early = _buffered_body_events(reader, decision)
+        addrs = await self._resolve(sandbox, req)
+        upstream, addr = await self._dial(addrs, req)
+        record.decision, record.reason = "allow", decision.reason
+        record.addr = str(addr)
+        try:
+            if req.is_connect:
+                await self._tunnel(sandbox, client, upstream, reader, ex)
+            else:
+                await self._forward(sandbox, client, upstream, reader, req, decision, early, ex)
+        finally:
+            upstream.close()
+
+    async def _read_head(
+        self, client: socket.socket, reader: RequestReader, ex: _Exchange
+    ) -> ProxyRequest | None:
+        loop = asyncio.get_running_loop()
+        limit = self.config.head_timeout if ex.counted else REFUSED_HEAD_TIMEOUT
+        try:
+            async with asyncio.timeout(limit):
+                while True:
+                    event = reader.next_event()
+                    if isinstance(event, ProxyRequest):
+                        return event
+                    data = await loop.sock_recv(client, RECV_SIZE)
+                    if not data and not ex.received:
+                        return None
+                    ex.received += len(data)
+                    reader.feed(data)
+        except BadRequest as e:
+            raise _Refusal(e.status, "deny", "http.malformed", e.reason) from None
+        except TimeoutError:
+            raise _Refusal(
+                408, "deny", "http.head_timeout", f"no complete request head within {limit:g}s"
+            ) from None
+
+    async def _resolve(self, sandbox: _Sandbox, req: ProxyRequest) -> list[IPAddress]:
+        loop = asyncio.get_running_loop()
+        check = functools.partial(
+            resolve_and_check,
+            req.target_host,
+            req.port,
+            resolver=self.config.resolver,
+            self_addrs=self._self_addrs(),
+            allow_cidrs=sandbox.policy.egress.allow_cidrs,
+        )
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                return await loop.run_in_executor(self._resolver_pool, check)
+        except AddressRefused as e:
+            klass = e.klass.value if e.klass is not None else "invalid"
+            raise _Refusal(
+                403,
+                "deny",
+                f"address.{klass}",
+                e.reason,
+                "The gateway refuses this address whatever the host rules say; a private "
+                "range can be opened with egress.allow_cidrs, loopback, link-local and "
+                "metadata addresses never.",
+            ) from None
+        except TimeoutError:
+            raise _Refusal(
+                504, "error", "resolve", f"resolving {req.target_host} took too long"
+            ) from None
+        except OSError as e:
+            raise _Refusal(
+                502, "error", "resolve", f"cannot resolve {req.target_host}: {e.strerror or e}"
+            ) from None
+
+    def _self_addrs(self) -> Collection[IPAddress | IPNetwork | str]:
+        listening = {
+            sock.getsockname()[0]
+            for sandbox in self._sandboxes.values()
+            for sock in sandbox.listeners
+            if sock.family in (socket.AF_INET, socket.AF_INET6)
+        }
+        return {*self.config.self_addrs, *(ip_address(a) for a in listening)}
+
+    async def _dial(
+        self, addrs: list[IPAddress], req: ProxyRequest
+    ) -> tuple[socket.socket, IPAddress]:
+        """Connect to the first of the checked addresses that answers."""
+        loop = asyncio.get_running_loop()
+        timed_out, last_error = False, None
+        for addr in addrs:
+            family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    await loop.sock_connect(sock, (str(addr), req.port))
+            except TimeoutError:
+                sock.close()
+                timed_out = True
+                continue
+            except OSError as e:
+                sock.close()
+                last_error = e
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock, addr
+        where = f"{req.target_host}:{req.port} ({', '.join(map(str, addrs))})"
+        if last_error is None and timed_out:
+            raise _Refusal(
+                504,
+                "error",
+                "connect",
+                f"connecting to {where} timed out after {self.config.connect_timeout:g}s",
+            )
+        why = last_error.strerror if last_error and last_error.strerror else str(last_error)
+        raise _Refusal(502, "error", "connect", f"cannot connect to {where}: {why}")
+
+    # --- relaying ----------------------------------------------------------------------
+
+    async def _tunnel(
+        self,
+        sandbox: _Sandbox,
+        client: socket.socket,
+        upstream: socket.socket,
+        reader: RequestReader,
+        ex: _Exchange,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, http.CONNECT_ESTABLISHED)
+        ex.responded, ex.record.status = True, 200
+        early = reader.trailing_data()  # a client may send its TLS hello without waiting
+        if early:
+            await self._send_up(sandbox, upstream, early, ex)
+
+        def up(n: int) -> None:
+            self._charge(sandbox, n, ex)
+            ex.record.bytes_up += n
+
+        def down(n: int) -> None:
+            ex.touch()
+            ex.record.bytes_down += n
+
+        await self._relay(
+            ex, self._pump(client, upstream, up), self._pump(upstream, client, down), both=True
+        )
+
+    async def _forward(
+        self,
+        sandbox: _Sandbox,
+        client: socket.socket,
+        upstream: socket.socket,
+        reader: RequestReader,
+        req: ProxyRequest,
+        decision: Decision,
+        early: list[http.Event],
+        ex: _Exchange,
+    ) -> None:
+        await self._send_up(sandbox, upstream, http.serialize_request_head(req), ex)
+
+        def down(n: int) -> None:
+            ex.touch()
+            ex.responded = True
+            ex.record.bytes_down += n
+
+        await self._relay(
+            ex,
+            self._send_body(sandbox, client, upstream, reader, req, decision, early, ex),
+            self._copy(upstream, client, down, sniff=ex),
+            both=False,
+        )
+
+    async def _send_body(
+        self,
+        sandbox: _Sandbox,
+        client: socket.socket,
+        upstream: socket.socket,
+        reader: RequestReader,
+        req: ProxyRequest,
+        decision: Decision,
+        early: list[http.Event],
+        ex: _Exchange,
+    ) -> None:
+        """Strictly decoded body, re-framed chunk by chunk; on any error the upstream
+        is closed by the caller and never sees the end of the request."""
+        loop = asyncio.get_running_loop()
+        while True:
+            event = early.pop(0) if early else _body_event(reader, decision)
+            if event is http.NEED_DATA:
+                data = await loop.sock_recv(client, RECV_SIZE)
+                ex.touch()
+                reader.feed(data)
+            elif event is http.END_OF_BODY:
+                if req.chunked:
+                    await self._send_up(sandbox, upstream, http.end_chunked(), ex)
+                return
+            elif isinstance(event, bytes):
+                out = http.encode_chunk(event) if req.chunked else event
+                await self._send_up(sandbox, upstream, out, ex)
+
+    async def _send_up(
+        self, sandbox: _Sandbox, upstream: socket.socket, data: bytes, ex: _Exchange
+    ) -> None:
+        self._charge(sandbox, len(data), ex)
+        await asyncio.get_running_loop().sock_sendall(upstream, data)
+        ex.record.bytes_up += len(data)
+
+    def _charge(self, sandbox: _Sandbox, n: int, ex: _Exchange) -> None:
+        ex.touch()
+        if not sandbox.limits.charge_upload(n):
+            budget = sandbox.limits.upload.limit
+            raise _Refusal(429, "deny", "egress.upload_budget", _budget_reason(budget))
+
+    async def _relay(
+        self,
+        ex: _Exchange,
+        up: Coroutine[Any, Any, None],
+        down: Coroutine[Any, Any, None],
+        *,
+        both: bool,
+    ) -> None:
+        """Run both pumps until `down` is done (and `up` too when `both`), an error, the
+        idle timeout or the total timeout; cancel whatever is left."""
+        loop = asyncio.get_running_loop()
+        up_task, down_task = loop.create_task(up), loop.create_task(down)
+        watchdog = loop.create_task(self._idle_watch(ex))
+        waiting = {up_task, down_task} if both else {down_task}
+        running = {up_task, down_task, watchdog}
+        timeout = asyncio.timeout(self.config.tunnel_total_timeout)
+        try:
+            async with timeout:
+                while waiting:
+                    done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()  # re-raises a pump's error or the idle timeout
+                    waiting -= done
+        except _IdleTimeout:
+            ex.record.reason = (
+                f"{ex.record.reason}; closed after {self.config.idle_timeout:g}s idle"
+            )
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            ex.record.reason = (
+                f"{ex.record.reason}; closed at the {self.config.tunnel_total_timeout:g}s limit"
+            )
+        finally:
+            for task in (up_task, down_task, watchdog):
+                task.cancel()
+            await asyncio.gather(up_task, down_task, watchdog, return_exceptions=True)
+
+    async def _idle_watch(self, ex: _Exchange) -> None:
+        while True:
+            left = ex.last_activity + self.config.idle_timeout - time.monotonic()
+            if left <= 0:
+                raise _IdleTimeout
+            await asyncio.sleep(left)
+
+    async def _pump(
+        self, src: socket.socket, dst: socket.socket, moved: Callable[[int], None]
+    ) -> None:
+        if self.config.splice:
+            await _splice(src, dst, moved, fallback=functools.partial(self._copy, src, dst, moved))
+        else:
+            await self._copy(src, dst, moved)
+
+    async def _copy(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        moved: Callable[[int], None],
+        sniff: _Exchange | None = None,
+    ) -> None:
+        """recv/send until EOF, then half-close `dst`. With `sniff`, the response status
+        is taken from the first bytes for the audit record."""
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(src, RECV_SIZE)
+            if not data:
+                break
+            moved(len(data))
+            if sniff is not None and len(sniff.status_sniff) < 8192:
+                sniff.status_sniff += data[:8192]
+                sniff.record.status = _response_status(bytes(sniff.status_sniff))
+            await loop.sock_sendall(dst, data)
+        _shutdown_write(dst)
+
+    # --- the proxy's own answers -------------------------------------------------------
+
+    async def _refuse(self, client: socket.socket, r: _Refusal, record: AuditRecord) -> None:
+        """Send the refusal, then close gracefully: stop writing, and read (and drop)
+        what the client is still sending for a moment, so that closing with unread
+        data does not reset the connection before the client has read the answer."""
+        loop = asyncio.get_running_loop()
+        body = _refusal_text(r, record)
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(LINGER_TIMEOUT):
+                await loop.sock_sendall(client, http.response(r.status, body, record.request_id))
+            _shutdown_write(client)
+            drained = 0
+            async with asyncio.timeout(LINGER_TIMEOUT):
+                while drained < LINGER_BYTES:
+                    data = await loop.sock_recv(client, RECV_SIZE)
+                    if not data:
+                        break
+                    drained += len(data)
+
+    async def _api(
+        self, sandbox: _Sandbox, client: socket.socket, req: ProxyRequest, request_id: str
+    ) -> None:
+        """The in-sandbox API (Unix listener only): what am I allowed, why was I denied."""
+        path = req.path.split("?", 1)[0]
+        if req.method != "GET":
+            status, body = 405, {"error": "the gateway API takes GET only"}
+        elif path == API_POLICY:
+            status, body = 200, _policy_summary(sandbox.policy)
+        elif path == API_DENIALS:
+            status, body = 200, {"denials": list(sandbox.denials)}
+        else:
+            status, body = 404, {"error": f"no such endpoint; try {API_POLICY} or {API_DENIALS}"}
+        payload = json.dumps(body, indent=2) + "\n"
+        await asyncio.get_running_loop().sock_sendall(
+            client,
+            http.response(status, payload, request_id, content_type="application/json"),
+        )
+
+
+# --- pure helpers --------------------------------------------------------------------
+
+
+def _decide(egress: EgressPolicy, req: ProxyRequest) -> tuple[Decision, int]:
+    """The policy's decision and the status it means: a request denied only for its
+    declared body size is 413, not 403."""
+    body = req.content_length if not req.is_connect else None
+    decision = decide(egress, Request(req.method, req.target_host, req.port, body))
+    if decision.allowed:
+        return decision, 200
+    if body is not None and decide(egress, Request(req.method, req.target_host, req.port)).allowed:
+        return decision, 413
+    return decision, 403
+
+
+def _budget_reason(budget: int) -> str:
+    return (
+        f"this would exceed the sandbox's upload budget of {budget} bytes "
+        "(egress.upload_budget); nothing more is sent upstream"
+    )
+
+
+def _body_event(reader: RequestReader, decision: Decision) -> http.Event:
+    try:
+        return reader.next_event()
+    except BadRequest as e:
+        rule = decision.rule if e.status == 413 else "http.malformed"
+        raise _Refusal(e.status, "deny", rule, e.reason) from None
+
+
+def _buffered_body_events(reader: RequestReader, decision: Decision) -> list[http.Event]:
+    """The body events the bytes received so far yield (none of them waits)."""
+    events: list[http.Event] = []
+    while (event := _body_event(reader, decision)) is not http.NEED_DATA:
+        events.append(event)
+        if event is http.END_OF_BODY:
+            break
+    return events
+
+
+def _how_to_allow(req: ProxyRequest, decision: Decision) -> str:
+    if decision.rule.startswith("egress.deny"):
+        return f"{decision.rule} in the sandbox's policy denies this host."
+    if decision.rule != DEFAULT_DENY or _is_ip_literal(req.target_host):
+        return ""
+    methods = (
+        "" if req.is_connect or req.method in ("GET", "HEAD") else f'\n  methods = ["{req.method}"]'
+    )
+    return (
+        "To allow it, add to the sandbox's policy:\n"
+        f'  [[egress.allow]]\n  host = "{req.target_host}"\n  ports = [{req.port}]{methods}\n'
+        f"or run with --allow {req.target_host}:{req.port}"
+    )
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        return parse_ip_literal(host) is not None
+    except ValueError:
+        return True
+
+
+def _refusal_text(r: _Refusal, record: AuditRecord) -> str:
+    what = f"{record.method} {record.host}:{record.port}" if record.host else "the request"
+    lines = [f"sandgate: {what} refused: {r.reason}"]
+    if r.rule:
+        lines.append(f"rule: {r.rule}")
+    if r.hint:
+        lines.append(r.hint)
+    lines.append(
+        "What this sandbox may reach: curl --unix-socket "
+        f"{GATEWAY_SOCKET_IN_SANDBOX} http://sandgate{API_POLICY}"
+    )
+    lines.append(f"request id: {record.request_id}")
+    return "\n".join(lines) + "\n"
+
+
+def _response_status(prefix: bytes) -> int | None:
+    """The final status code at the start of a response (after any 1xx heads)."""
+    pos = 0
+    while True:
+        m = _RESPONSE_STATUS.match(prefix, pos)
+        if m is None:
+            return None
+        status = int(m.group(1))
+        if status >= 200:
+            return status
+        end = prefix.find(b"\r\n\r\n", m.end())
+        if end < 0:
+            return status
+        pos = end + 4
+
+
+def _shutdown_write(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+
+
+async def _splice(
+    src: socket.socket,
+    dst: socket.socket,
+    moved: Callable[[int], None],
+    fallback: Callable[[], Coroutine[Any, Any, None]],
+) -> None:
+    """Move bytes src -> pipe -> dst with splice(2) until EOF, then half-close dst.
+    At most one pipe's worth is in flight: nothing more is read until it is written."""
+    loop = asyncio.get_running_loop()
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        try:
+            size = fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            size = fcntl.fcntl(wfd, fcntl.F_GETPIPE_SZ)
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        src_fd, dst_fd = src.fileno(), dst.fileno()
+        pending, first = 0, True
+        while True:
+            if pending == 0:
+                try:
+                    n = os.splice(src_fd, wfd, size, flags=flags)
+                except BlockingIOError:
+                    await _ready(loop, src_fd, write=False)
+                    continue
+                except OSError as e:
+                    if first and e.errno == errno.EINVAL:  # this socket type cannot splice
+                        await fallback()
+                        return
+                    raise
+                if n == 0:
+                    break
+                first = False
+                moved(n)  # may raise (upload budget): those bytes are then never sent
+                pending = n
+            try:
+                pending -= os.splice(rfd, dst_fd, pending, flags=flags)
+            except BlockingIOError:
+                await _ready(loop, dst_fd, write=True)
+        _shutdown_write(dst)
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
+    """Wait until `fd` is readable (or writable)."""
+    done = loop.create_future()
+
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    if write:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await done
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+def _tcp_listener(addr: str, port: int) -> socket.socket:
+    family = socket.AF_INET if ip_address(addr).version == 4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _unix_listener(path: str) -> socket.socket:
+    """A listening Unix socket at `path`, mode 0666: who can reach it is decided by
+    where it is visible (bind-mounted into one sandbox), not by its mode."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
+        os.unlink(path)  # a stale socket from an earlier run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return sock
