@@ -102,6 +102,20 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _pin(text: str) -> tuple[str, list]:
+    from ipaddress import ip_address
+
+    from gateway.policy import normalize_host
+
+    host, sep, addrs = text.partition("=")
+    try:
+        if not sep or not addrs:
+            raise ValueError("expected HOST=ADDR[,ADDR]")
+        return normalize_host(host), [ip_address(a.strip()) for a in addrs.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad --resolve {text!r}: {exc}") from exc
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key or "\0" in text:
@@ -110,8 +124,9 @@ def _env_pair(text: str) -> tuple[str, str]:
 
 
 def _config(args: argparse.Namespace) -> RunnerConfig:
+    extra = {"audit_path": Path(args.audit_log)} if getattr(args, "audit_log", None) else {}
     return RunnerConfig(
-        pool=args.pool, gateway_port=args.gateway_port, state_dir=Path(args.state_dir)
+        pool=args.pool, gateway_port=args.gateway_port, state_dir=Path(args.state_dir), **extra
     )
 
 
@@ -133,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         raise UsageError("run: no command given (usage: sandgate run [OPTIONS] -- CMD [ARG...])")
-    policy = _load_policy(args.policy)
+    policy = _with_cli_rules(_load_policy(args.policy), args)
     limits = _limits(args, policy)
     timeout = args.timeout if args.timeout is not None else policy.limits.timeout
     try:
@@ -181,7 +196,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         "create_ms": sandbox.timings,
     }
     try:
-        result.update(_run_command(sandbox, argv, args, identity, fs, plan, timeout))
+        result.update(
+            _run_command(sandbox, argv, args, identity, fs, plan, timeout, policy, config)
+        )
     finally:
         if args.keep:
             result["kept"] = True
@@ -203,29 +220,66 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result["exit_code"]
 
 
-def _run_command(sandbox, argv, args, identity, fs, plan, timeout) -> dict:
-    """Start the command in the sandbox and wait for it; the result fields for --json."""
+def _run_command(sandbox, argv, args, identity, fs, plan, timeout, policy, config) -> dict:
+    """Start the gateway and the command in the sandbox, wait for the command; the
+    result fields for --json."""
+    from gateway.addr import system_resolver
+    from gateway.proxy import GatewayConfig
+    from netns.namespace import addresses_in_use
+
+    from .gateway_thread import (
+        SOCKET_IN_SANDBOX,
+        GatewayThread,
+        own_networks,
+        pinned_resolver,
+        proxy_env,
+        socket_path,
+    )
     from .init import CommandSpec
+    from .mounts import with_bind
     from .process import LaunchError, launch, sandbox_env
 
+    gw_addr, gw_port = sandbox.gateway
+    sock = socket_path(config.run_dir, sandbox.id)
     spec = CommandSpec(
         argv=tuple(argv),
-        env=sandbox_env(dict(args.env), sandbox.id, fs.home, identity.name),
+        env=sandbox_env(
+            {**proxy_env(gw_addr, gw_port), **dict(args.env)}, sandbox.id, fs.home, identity.name
+        ),
         cwd=args.workdir or fs.workspace_target,
         uid=identity.uid,
         gid=identity.gid,
         hostname=sandbox.id,
-        mounts=plan,
+        mounts=with_bind(plan, str(sock), SOCKET_IN_SANDBOX),
         userns=identity.userns,
     )
+    gateway: list[GatewayThread] = []
+
+    def start_gateway() -> None:
+        gw = GatewayThread(
+            GatewayConfig(
+                audit_path=str(config.audit_path),
+                resolver=pinned_resolver(dict(args.resolve), system_resolver),
+                self_addrs=own_networks(config.pool, addresses_in_use()),
+            )
+        )
+        gateway.append(gw)
+        gw.add_sandbox(sandbox.id, policy, (str(gw_addr), gw_port), sock)
+
     t0 = time.monotonic()
     try:
-        with _terminate_as_exception():
-            running = launch(spec, sandbox.network.netns_path, sandbox.cgroup)
-    except (LaunchError, Terminated) as exc:
-        _err(str(exc))
-        return {"exit_code": EXIT_SANDGATE, "error": str(exc)}
-    outcome = running.wait(timeout)
+        try:
+            with _terminate_as_exception():
+                running = launch(spec, sandbox.network.netns_path, sandbox.cgroup, start_gateway)
+        except (LaunchError, Terminated, OSError) as exc:
+            _err(str(exc))
+            return {"exit_code": EXIT_SANDGATE, "error": str(exc)}
+        outcome = running.wait(timeout)
+    finally:
+        for gw in gateway:
+            with _signals_deferred():
+                gw.remove_sandbox(sandbox.id, sock)
+                gw.close()
     if outcome.error and not args.json:
         _err(f"sandbox {sandbox.id}: {outcome.error}")
     return {**outcome.to_json(), "run_ms": round((time.monotonic() - t0) * 1000, 1)}
@@ -277,6 +331,19 @@ def _signals_deferred():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _with_cli_rules(policy, args: argparse.Namespace):
+    """--allow and --allow-cidr add to the policy for this run."""
+    from gateway.policy import parse_allow_arg, with_extra
+
+    if not args.allow and not args.allow_cidr:
+        return policy
+    try:
+        rules = [parse_allow_arg(a) for a in args.allow]
+        return with_extra(policy, allow=rules, allow_cidrs=args.allow_cidr)
+    except ValueError as exc:
+        raise UsageError(f"--allow/--allow-cidr: {exc}") from exc
 
 
 def _load_policy(path: str | None):
@@ -489,6 +556,36 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument("--policy", metavar="FILE", help="policy file (TOML); default: built-in")
+    run.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT[,PORT]]",
+        help="also allow egress to HOST (exact, or *.domain for its subdomains) for this "
+        "run; ports default to 443 (CONNECT) and 80 (plain http). Repeatable",
+    )
+    run.add_argument(
+        "--allow-cidr",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="also let the gateway dial addresses in this private range (a LAN mirror). Repeatable",
+    )
+    run.add_argument(
+        "--resolve",
+        action="append",
+        default=[],
+        type=_pin,
+        metavar="HOST=ADDR[,ADDR]",
+        help="the gateway resolves HOST to these addresses instead of asking the host's "
+        "resolver (the answers are still checked against the address rules). Repeatable",
+    )
+    run.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        default="/var/log/sandgate/audit.jsonl",
+        help="where the gateway appends one JSON line per decision (default: %(default)s)",
+    )
     run.add_argument("--keep", action="store_true", help="leave the sandbox for inspection")
     run.add_argument(
         "--env",

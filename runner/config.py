@@ -21,6 +21,7 @@ class RunnerConfig:
     gateway_port: int = DEFAULT_GATEWAY_PORT
     state_dir: Path = Path("/var/lib/sandgate")
     run_dir: Path = Path("/run/sandgate")
+    audit_path: Path = Path("/var/log/sandgate/audit.jsonl")
     table: str = "sandgate"
     # Per-sandbox records live here, one JSON file each.
     sandboxes_dir: Path = field(init=False)

@@ -21,6 +21,7 @@ until the pivot.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import stat
@@ -132,6 +133,12 @@ def plan_mounts(spec: FilesystemSpec, host_root: str = "/") -> MountPlan:
     if dupes:
         raise MountError(f"more than one mount at {', '.join(sorted(dupes))}")
     return MountPlan(tuple(symlinks), tuple(binds), tuple(tmpfs), masked)
+
+
+def with_bind(plan: MountPlan, source: str, target: str, writable: bool = True) -> MountPlan:
+    """The plan plus one bind sandgate itself provides (the gateway socket); the source
+    is sandgate's own file, so it skips the checks for user-given paths."""
+    return dataclasses.replace(plan, binds=(*plan.binds, Bind(source, target, writable)))
 
 
 # --- effects: these run in the sandbox's init, in its own mount namespace --------------

@@ -26,7 +26,7 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from . import seccomp, syscalls
@@ -254,8 +254,18 @@ def _prepared_filter() -> bytes:
     return seccomp.build_filter()
 
 
-def launch(spec: CommandSpec, netns_path: str, cgroup: Cgroup | None) -> Running:
-    """Start entry → init → command in the sandbox. Raises LaunchError if init never ran."""
+def launch(
+    spec: CommandSpec,
+    netns_path: str,
+    cgroup: Cgroup | None,
+    before_start: Callable[[], None] | None = None,
+) -> Running:
+    """Start entry → init → command in the sandbox. Raises LaunchError if init never ran.
+
+    `before_start` runs after the entry process is forked and before it may go on:
+    the place to start threads (the gateway's loop), so that the only fork of this
+    runner happens while it is still single-threaded.
+    """
     spec = dataclasses.replace(spec, seccomp_filter=_prepared_filter())
     started = time.monotonic()
     tty = _controlling_tty()
@@ -275,6 +285,8 @@ def launch(spec: CommandSpec, netns_path: str, cgroup: Cgroup | None) -> Running
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.setpgid(pid, pid)  # also done by the child; whichever runs first wins
     try:
+        if before_start is not None:
+            before_start()
         if cgroup is not None:
             cgroup.add_process(pid)
         os.write(go_w, b"g")

@@ -1,0 +1,112 @@
+"""The gateway for an embedded `sandgate run`: one uvloop event loop in a thread of
+the runner process, serving the sandbox's TCP and Unix endpoints while the main
+thread waits for the command.
+
+Owns: starting and stopping that loop, the gateway's view of the host (which
+addresses are its own), the sandbox's socket path on the host, and the environment
+that points ordinary tools inside the sandbox at the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from pathlib import Path
+
+import uvloop
+
+from gateway.policy import Policy
+from gateway.proxy import Gateway, GatewayConfig, Resolver
+
+IPAddress = IPv4Address | IPv6Address
+
+# Where the sandbox finds its Unix endpoint (bind-mounted from the host).
+SOCKET_IN_SANDBOX = "/run/sandgate/gateway.sock"
+
+
+def socket_path(run_dir: Path, sandbox_id: str) -> Path:
+    """The host side of a sandbox's Unix endpoint (root-only directory)."""
+    return run_dir / "gateways" / f"{sandbox_id}.sock"
+
+
+def proxy_env(gateway: IPv4Address, port: int) -> dict[str, str]:
+    """Variables that make curl, pip, npm, git and most HTTP libraries use the gateway.
+
+    There is no DNS inside a sandbox; every name is resolved by the gateway, so even
+    local names go through it except the loopback ones in NO_PROXY.
+    """
+    url = f"http://{gateway}:{port}"
+    env = {}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        env[name] = env[name.lower()] = url
+    env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1,::1"
+    env["PIP_PROXY"] = url
+    env["npm_config_proxy"] = env["npm_config_https_proxy"] = url
+    # git reads http.proxy from the environment through GIT_CONFIG_* (git >= 2.31).
+    env["GIT_CONFIG_COUNT"] = "1"
+    env["GIT_CONFIG_KEY_0"] = "http.proxy"
+    env["GIT_CONFIG_VALUE_0"] = url
+    env["SANDGATE_GATEWAY_SOCKET"] = SOCKET_IN_SANDBOX
+    return env
+
+
+class GatewayThread:
+    """A Gateway on its own uvloop loop in a daemon thread; blocking wrappers for the
+    runner's main thread."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self._loop = uvloop.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sandgate-gateway", daemon=True)
+        self._thread.start()
+        self.gateway: Gateway = self._call(self._make(config))
+
+    async def _make(self, config: GatewayConfig) -> Gateway:
+        return Gateway(config)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def add_sandbox(
+        self, sandbox_id: str, policy: Policy, tcp: tuple[str, int], unix_path: Path
+    ) -> None:
+        unix_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._call(self.gateway.add_sandbox(sandbox_id, policy, tcp=tcp, unix_path=str(unix_path)))
+
+    def remove_sandbox(self, sandbox_id: str, unix_path: Path) -> None:
+        self._call(self.gateway.remove_sandbox(sandbox_id))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(unix_path)
+
+    def close(self) -> None:
+        try:
+            self._call(self.gateway.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+
+def pinned_resolver(pins: Mapping[str, list[IPAddress]], fallback: Resolver) -> Resolver:
+    """A resolver that answers the pinned names itself (like curl's --resolve) and asks
+    `fallback` (the host's resolver) for the rest. Pinned answers are checked like any."""
+
+    def resolve(host: str, port: int) -> list[IPAddress]:
+        pinned = pins.get(host)
+        return list(pinned) if pinned is not None else fallback(host, port)
+
+    return resolve
+
+
+def own_networks(pool: IPv4Network, host_addrs: Iterable[IPv4Address]) -> frozenset:
+    """What the gateway must never dial whatever a policy allows: every sandbox (the
+    pool) and this host's own addresses."""
+    return frozenset({pool, *host_addrs})
