@@ -23,11 +23,13 @@ import stat
 import subprocess
 import threading
 import time
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
 from runner.cgroups import detect
+from runner.gateway_thread import proxy_env
 from tests.integration.attacks import (
     HOST_PYTHON,
     SANDBOX_GID,
@@ -46,7 +48,9 @@ pytestmark = pytest.mark.root
 
 # What the sandbox's environment may hold (runner/process.py: sandbox_env).
 SANDBOX_IDS = (SANDBOX_UID, SANDBOX_GID)
+# The fixed base, and the variables that point tools at the gateway.
 ALLOWED_ENV = {"PATH", "SANDGATE_ID", "HOME", "USER", "LOGNAME", "TERM", "LANG", "LC_ALL", "TZ"}
+ALLOWED_ENV |= set(proxy_env(IPv4Address("10.213.0.0"), 3128))
 
 
 def _mkdir(path: Path, mode: int, owner: tuple[int, int] = (0, 0)) -> Path:
