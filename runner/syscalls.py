@@ -132,19 +132,12 @@ def _privs_lib() -> tuple[FFI, object]:
     return ffi, ffi.dlopen(None)
 
 
-def _check_privs(ret: int, what: str) -> int:
-    if ret == -1:
-        err = _privs_lib()[0].errno
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return ret
-
-
 def capget() -> tuple[int, int, int]:
     """The calling thread's (effective, permitted, inheritable) capability masks."""
     ffi, lib = _privs_lib()
     header = ffi.new("struct cap_header *", {"version": _LINUX_CAPABILITY_VERSION_3})
     data = ffi.new("struct cap_data[2]")
-    _check_privs(lib.capget(header, data), "capget")
+    check(lib.capget(header, data), "capget")
     return (
         data[0].effective | data[1].effective << 32,
         data[0].permitted | data[1].permitted << 32,
@@ -162,7 +155,7 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
         data[i].effective = (effective >> shift) & 0xFFFFFFFF
         data[i].permitted = (permitted >> shift) & 0xFFFFFFFF
         data[i].inheritable = (inheritable >> shift) & 0xFFFFFFFF
-    _check_privs(lib.capset(header, data), "capset")
+    check(lib.capset(header, data), "capset")
 
 
 def seccomp_set_mode_filter(program: bytes) -> None:
@@ -182,4 +175,4 @@ def seccomp_set_mode_filter(program: bytes) -> None:
         {"len": len(program) // 8, "filter": ffi.cast("struct sock_filter *", insns)},
     )
     ret = lib.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ffi.cast("unsigned long", fprog), 0, 0)
-    _check_privs(ret, "prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER)")
+    check(ret, "prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER)")
