@@ -7,12 +7,13 @@ the wall-clock limit, and turning init's report into an outcome.
 The tree, as the host sees it:
 
     sandgate (runner)
-      └─ entry     joins the netns, unshares mount/pid/uts/ipc/cgroup, waits for init
-           └─ init    pid 1 inside: filesystem view, reaping, signals (runner/init.py)
-                └─ CMD   unprivileged, no capabilities, seccomp, rlimits
+      └─ init    forked straight into a new pid namespace (pid 1 inside); joins the
+         │       netns, unshares mount/uts/ipc/cgroup, builds the filesystem view,
+         │       reaps, forwards signals (runner/init.py)
+         └─ CMD   unprivileged, no capabilities, seccomp, rlimits
 
-The entry process is in the sandbox's cgroup before it unshares anything, so every
-descendant is too, and the cgroup namespace is rooted there.
+init is in the sandbox's cgroup before it unshares anything, so every descendant is
+too, and the cgroup namespace is rooted there.
 """
 
 from __future__ import annotations
@@ -35,12 +36,9 @@ from .init import EXIT_SETUP, FORWARDED_SIGNALS, CommandSpec, run_init
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+# Unshared by init itself; the pid namespace is made by the fork that creates it.
 NAMESPACES = (
-    syscalls.CLONE_NEWNS
-    | syscalls.CLONE_NEWPID
-    | syscalls.CLONE_NEWUTS
-    | syscalls.CLONE_NEWIPC
-    | syscalls.CLONE_NEWCGROUP
+    syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWCGROUP
 )
 
 
@@ -58,7 +56,7 @@ class Outcome:
     timed_out: bool = False
     oom_killed: bool = False
     peak_memory: int | None = None
-    # Milliseconds per launch phase: entry (fork, cgroup, namespaces, fork of init),
+    # Milliseconds per launch phase: entry (fork of init, cgroup, namespaces),
     # filesystem (the view and pivot_root), exec (fork of the command, privilege drop,
     # seccomp, exec), command (until it ended).
     phases: dict[str, float] = field(default_factory=dict)
@@ -114,20 +112,6 @@ def _take_terminal(tty: int | None, pgrp: int) -> None:
         signal.signal(signal.SIGTTOU, old)
 
 
-def _read_message(fd: int) -> bytes:
-    """One newline-terminated message from the entry process (b"" if it died first)."""
-    data = b""
-    while not data.endswith(b"\n"):
-        try:
-            chunk = os.read(fd, 1)
-        except InterruptedError:
-            continue
-        if not chunk:
-            return data
-        data += chunk
-    return data
-
-
 def _read_line(fd: int, deadline: float | None = None) -> bytes:
     """Everything up to EOF (the writer closed or died), or b"" at the deadline."""
     chunks = []
@@ -148,45 +132,47 @@ def _read_line(fd: int, deadline: float | None = None) -> bytes:
         chunks.append(chunk)
 
 
-def _entry(spec: CommandSpec, netns_path: str, go_r: int, info_w: int, status_w: int) -> None:
-    """The entry process (in the host's pid namespace). Never returns."""
+def _become_init(spec: CommandSpec, netns_path: str, go_r: int, status_w: int) -> None:
+    """The forked child: pid 1 of the sandbox's new pid namespace. Never returns."""
     try:
-        for sig in FORWARDED_SIGNALS | {signal.SIGTSTP}:
-            # The terminal signals this group; init and the command decide for themselves.
-            signal.signal(sig, signal.SIG_IGN)
         if os.read(go_r, 1) != b"g":
             os._exit(EXIT_SETUP)  # the runner went away before handing over the cgroup
+        os.close(go_r)
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
         syscalls.setns(ns_fd, syscalls.CLONE_NEWNET)
         os.close(ns_fd)
+        # In the cgroup already (the runner put it there), so the new cgroup
+        # namespace is rooted at the sandbox's cgroup.
         syscalls.unshare(NAMESPACES)
-        os.close(go_r)
-        pid = os.fork()
-        if pid == 0:
-            os.close(info_w)
-            for sig in FORWARDED_SIGNALS | {signal.SIGTSTP}:
-                signal.signal(sig, signal.SIG_DFL)
-            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
-            run_init(spec, status_w)
-        os.write(info_w, f"{pid}\n".encode())
-        os.close(info_w)
-        os.close(status_w)
-        while True:
-            try:
-                os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-        os._exit(0)
     except BaseException as exc:
+        report = {"exit_code": EXIT_SETUP, "error": f"cannot enter the sandbox: {exc}"}
         with contextlib.suppress(BaseException):
-            os.write(info_w, f"error {exc}\n".encode())
+            os.write(status_w, (json.dumps(report) + "\n").encode())
         os._exit(EXIT_SETUP)
+    run_init(spec, status_w)
+
+
+def _fork_into_new_pid_namespace() -> int:
+    """fork(), with the child as pid 1 of a new pid namespace and this process's own
+    children-to-be back in its own namespace afterwards. Saves the intermediate
+    process that unshare(CLONE_NEWPID) would otherwise need (a whole Python fork)."""
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        syscalls.unshare(syscalls.CLONE_NEWPID)
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:  # the parent, whether or not the fork worked
+                syscalls.setns(own, syscalls.CLONE_NEWPID)
+    finally:
+        os.close(own)
+    return pid
 
 
 @dataclass
 class Running:
-    entry_pid: int
     init_pid: int
     status_fd: int
     tty: int | None
@@ -204,7 +190,7 @@ class Running:
                 self.cgroup.kill_all()
         finally:
             os.close(self.status_fd)
-            _reap(self.entry_pid)
+            _reap(self.init_pid)
             _take_terminal(self.tty, os.getpgrp())
         if timed_out:
             outcome = Outcome(exit_code=128 + signal.SIGKILL, signal=signal.SIGKILL)
@@ -260,9 +246,9 @@ def launch(
     cgroup: Cgroup | None,
     before_start: Callable[[], None] | None = None,
 ) -> Running:
-    """Start entry → init → command in the sandbox. Raises LaunchError if init never ran.
+    """Start init → command in the sandbox. Raises LaunchError if init cannot be forked.
 
-    `before_start` runs after the entry process is forked and before it may go on:
+    `before_start` runs after init is forked and before it may go on:
     the place to start threads (the gateway's loop), so that the only fork of this
     runner happens while it is still single-threaded.
     """
@@ -270,18 +256,21 @@ def launch(
     started = time.monotonic()
     tty = _controlling_tty()
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    info_r, info_w = os.pipe2(os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    try:
+        pid = _fork_into_new_pid_namespace()
+    except OSError as exc:
+        for fd in (go_r, go_w, status_r, status_w):
+            os.close(fd)
+        raise LaunchError(f"cannot start the sandbox's init: {exc}") from exc
     if pid == 0:
         os.close(go_w)
-        os.close(info_r)
         os.close(status_r)
         os.setpgid(0, 0)
         _take_terminal(tty, os.getpgrp())
-        _entry(spec, netns_path, go_r, info_w, status_w)
-    for fd in (go_r, info_w, status_w):
-        os.close(fd)
+        _become_init(spec, netns_path, go_r, status_w)
+    os.close(go_r)
+    os.close(status_w)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.setpgid(pid, pid)  # also done by the child; whichever runs first wins
     try:
@@ -290,9 +279,6 @@ def launch(
         if cgroup is not None:
             cgroup.add_process(pid)
         os.write(go_w, b"g")
-        info = _read_message(info_r).decode().strip()
-        os.close(go_w)
-        go_w = -1
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -301,22 +287,8 @@ def launch(
         _take_terminal(tty, os.getpgrp())
         raise
     finally:
-        os.close(info_r)
-        if go_w != -1:
-            os.close(go_w)
-    if not info.isdigit():
-        _reap(pid)
-        os.close(status_r)
-        _take_terminal(tty, os.getpgrp())
-        raise LaunchError(f"cannot enter the sandbox's namespaces: {info or 'entry died'}")
-    return Running(
-        entry_pid=pid,
-        init_pid=int(info),
-        status_fd=status_r,
-        tty=tty,
-        cgroup=cgroup,
-        started=started,
-    )
+        os.close(go_w)
+    return Running(init_pid=pid, status_fd=status_r, tty=tty, cgroup=cgroup, started=started)
 
 
 @contextlib.contextmanager
