@@ -208,8 +208,11 @@ def _kill_everything_else() -> None:
         os.kill(-1, signal.SIGKILL)
 
 
-def run_init(spec: CommandSpec, status_fd: int) -> None:
+def run_init(spec: CommandSpec, status_fd: int, go_fd: int) -> None:
     """Body of pid 1. Never returns: exits after writing the command's end to status_fd.
+
+    go_fd delivers b"g" once the runner has put this process in the sandbox's cgroup;
+    only then is the cgroup namespace made (rooted there) and the command started.
 
     The report carries CLOCK_MONOTONIC stamps (shared by every namespace) of init's
     start, the finished filesystem view and the exec, for the runner's phase timings.
@@ -219,6 +222,10 @@ def run_init(spec: CommandSpec, status_fd: int) -> None:
         syscalls.sethostname(spec.hostname)
         mounts.build_and_enter(spec.mounts)
         stamps["filesystem"] = time.monotonic()
+        if os.read(go_fd, 1) != b"g":
+            raise OSError(errno.ECHILD, "the runner went away before the cgroup was ready")
+        os.close(go_fd)
+        syscalls.unshare(syscalls.CLONE_NEWCGROUP)
     except Exception as exc:
         _report(status_fd, {"exit_code": EXIT_SETUP, "error": f"sandbox setup failed: {exc}"})
         os._exit(EXIT_SETUP)

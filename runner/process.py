@@ -135,22 +135,19 @@ def _read_line(fd: int, deadline: float | None = None) -> bytes:
 def _become_init(spec: CommandSpec, netns_path: str, go_r: int, status_w: int) -> None:
     """The forked child: pid 1 of the sandbox's new pid namespace. Never returns."""
     try:
-        if os.read(go_r, 1) != b"g":
-            os._exit(EXIT_SETUP)  # the runner went away before handing over the cgroup
-        os.close(go_r)
+        if os.read(go_r, 1) != b"s":
+            os._exit(EXIT_SETUP)  # the runner went away before starting the gateway
         syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
         syscalls.setns(ns_fd, syscalls.CLONE_NEWNET)
         os.close(ns_fd)
-        # In the cgroup already (the runner put it there), so the new cgroup
-        # namespace is rooted at the sandbox's cgroup.
         syscalls.unshare(NAMESPACES)
     except BaseException as exc:
         report = {"exit_code": EXIT_SETUP, "error": f"cannot enter the sandbox: {exc}"}
         with contextlib.suppress(BaseException):
             os.write(status_w, (json.dumps(report) + "\n").encode())
         os._exit(EXIT_SETUP)
-    run_init(spec, status_w)
+    run_init(spec, status_w, go_r)
 
 
 def _fork_into_new_pid_namespace() -> int:
@@ -274,8 +271,13 @@ def launch(
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.setpgid(pid, pid)  # also done by the child; whichever runs first wins
     try:
+        # Two go-aheads: "s" once the gateway (and so its socket) exists, which init
+        # binds into the view; "g" once init is in the cgroup. Moving a task between
+        # v1 cgroups costs milliseconds (an RCU grace period per hierarchy), so init
+        # builds the filesystem view meanwhile, on the other core.
         if before_start is not None:
             before_start()
+        os.write(go_w, b"s")
         if cgroup is not None:
             cgroup.add_process(pid)
         os.write(go_w, b"g")
