@@ -4,7 +4,7 @@ Every line has the same fields (null where one does not apply): request_id, time
 (RFC 3339, UTC), sandbox, endpoint ("tcp" or "unix"), method, host, port, addr (the
 address dialed), path (plain HTTP only), decision ("allow", "deny" or "error"), rule,
 reason, status, bytes_up, bytes_down, duration_ms. Headers and bodies are never logged; the path is
-logged as sent, query included.
+logged with its query values replaced by "***" (tokens travel in query strings).
 
 Appends are line-atomic: the file is opened with O_APPEND and each line is one
 write(2). POSIX promises atomicity of O_APPEND writes only for pipes (up to

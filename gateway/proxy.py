@@ -324,7 +324,7 @@ class Gateway:
             await self._api(sandbox, client, req, record.request_id)
             return
         record.host, record.port = req.target_host, req.port
-        record.path = req.path or None
+        record.path = audit_path(req.path) if req.path else None
         egress = sandbox.policy.egress
         if not sandbox.limits.try_acquire_request():
             raise _Refusal(
@@ -855,6 +855,19 @@ def _tcp_listener(addr: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def audit_path(path: str) -> str:
+    """The request path as the audit log keeps it: query values are replaced by "***",
+    since tokens travel there (?access_token=...); names stay, to show what was asked."""
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path
+    parts = []
+    for item in query.split("&"):
+        name, eq, _value = item.partition("=")
+        parts.append(f"{name}=***" if eq else name)
+    return f"{base}?{'&'.join(parts)}"
 
 
 def _unix_listener(path: str) -> socket.socket:

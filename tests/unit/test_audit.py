@@ -98,3 +98,11 @@ def test_redact_removes_every_secret_whatever_its_shape() -> None:
     assert redact("aaaa", ["aaa"]) == REDACTED
     # Unicode and regex metacharacters are matched literally.
     assert redact("p=[.*]ß", ["[.*]ß"]) == f"p={REDACTED}"
+
+
+def test_query_values_never_reach_the_audit_path():
+    from gateway.proxy import audit_path
+
+    assert audit_path("/a/b") == "/a/b"
+    assert audit_path("/q?access_token=s3cr3t&x=1&flag") == "/q?access_token=***&x=***&flag"
+    assert "s3cr3t" not in audit_path("/q?a=b&token=s3cr3t")
