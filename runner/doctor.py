@@ -234,6 +234,64 @@ def check_ip_forward() -> Check:
     )
 
 
+def _running(name: str) -> bool:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == name:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def check_firewall_managers() -> Check:
+    """Tools that rewrite the ruleset can remove sandgate's table; say what they do."""
+    found = []
+    if _running("firewalld"):
+        found.append(
+            "firewalld (a reload flushes the whole nftables ruleset when FlushAllOnReload "
+            "is on, sandgate's table included)"
+        )
+    if _running("dockerd"):
+        found.append(
+            "dockerd (it enables ip_forward and adds FORWARD rules; sandgate's forward "
+            "chain still drops sg* traffic)"
+        )
+    if not found:
+        return _ok("firewall managers", "none running (firewalld, dockerd)")
+    return Check(
+        "firewall managers",
+        "warn",
+        "running: " + "; ".join(found) + ". Until sandgate's daemon watches and restores "
+        "its table, the in-sandbox table, the missing default route and the xtables "
+        "backstop keep sandboxes closed",
+        "set FlushAllOnReload=no in /etc/firewalld/firewalld.conf; avoid `nft flush "
+        "ruleset` on this host",
+    )
+
+
+def check_audit_disk(audit_path: str, min_free: int = 256 * 1024 * 1024) -> Check:
+    directory = os.path.dirname(audit_path) or "."
+    probe = directory
+    while not os.path.isdir(probe) and probe not in ("/", ""):
+        probe = os.path.dirname(probe)
+    try:
+        st = os.statvfs(probe)
+    except OSError as exc:
+        return _fail("audit log", f"cannot inspect {directory}: {exc}", "create the directory")
+    free = st.f_bavail * st.f_frsize
+    where = f"{audit_path} ({free // (1024 * 1024)} MiB free on its filesystem)"
+    if free < min_free:
+        return Check(
+            "audit log",
+            "warn",
+            f"{where}: less than {min_free // (1024 * 1024)} MiB",
+            "rotate the audit log (logrotate) or move it with --audit-log",
+        )
+    return _ok("audit log", where)
+
+
 def run_checks(config: RunnerConfig) -> list[Check]:
     checks: list[Check] = [check_root()]
     checks += check_modules()
@@ -248,6 +306,8 @@ def run_checks(config: RunnerConfig) -> list[Check]:
         check_cgroups,
         lambda: check_pool(config.pool),
         check_ip_forward,
+        check_firewall_managers,
+        lambda: check_audit_disk(str(config.audit_path)),
     ]
     for probe in probes:
         try:
