@@ -3,8 +3,12 @@
 Every line has the same fields (null where one does not apply): request_id, time
 (RFC 3339, UTC), sandbox, endpoint ("tcp" or "unix"), method, host, port, addr (the
 address dialed), path (plain HTTP only), decision ("allow", "deny" or "error"), rule,
-reason, status, bytes_up, bytes_down, duration_ms. Headers and bodies are never logged; the path is
-logged with its query values replaced by "***" (tokens travel in query strings).
+reason, status, bytes_up, bytes_down, duration_ms; and for the git gateway repo (the
+repository's URL as the policy spells it, or as requested when it is not listed),
+service ("upload-pack" or "receive-pack") and refs (for a push: one {"ref", "old",
+"new", "verdict": "allow"|"deny", "reason"} per ref, in the push's order). Headers
+and bodies are never logged; the path is logged with its query values replaced by
+"***" (tokens travel in query strings).
 
 Appends are line-atomic: the file is opened with O_APPEND and each line is one
 write(2). POSIX promises atomicity of O_APPEND writes only for pipes (up to
@@ -60,6 +64,9 @@ class AuditRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     duration_ms: int = 0
+    repo: str | None = None
+    service: str | None = None
+    refs: list[dict[str, str | None]] | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

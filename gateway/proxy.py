@@ -6,6 +6,7 @@ timeouts and the order of the questions. Per connection, one request:
 
   read the head (bounded, head_timeout)       malformed      -> 400 (501, 505)
   in-sandbox API (Unix listener, origin-form) GET /_sandgate/v1/policy, /denials
+  git gateway (origin-form /git/..., both)    rate and connection cap, then gateway/git.py
   request rate (token bucket)                 over           -> 429
   open connections                            over the cap   -> 429
   policy.decide                               denied         -> 403 (413: body size)
@@ -50,6 +51,7 @@ import re
 import socket
 import stat
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Collection, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +69,17 @@ from gateway.addr import (
     resolve_and_check,
     system_resolver,
 )
-from gateway.audit import DEFAULT_AUDIT_PATH, AuditLog, AuditRecord, new_request_id
+from gateway.audit import DEFAULT_AUDIT_PATH, AuditLog, AuditRecord, new_request_id, redact
+from gateway.credentials import DEFAULT_CREDENTIALS_DIR, CredentialStore
+from gateway.git import (
+    DEFAULT_MAX_FETCH_BODY,
+    DEFAULT_MAX_PUSH_BODY,
+    DEFAULT_MAX_RESPONSE,
+    GIT_PREFIX,
+    GitGateway,
+    GitLimits,
+    GitRefused,
+)
 from gateway.http import BadRequest, ProxyRequest, RequestKind, RequestReader
 from gateway.policy import DEFAULT_DENY, Decision, EgressPolicy, Policy, Request, decide
 from gateway.policy import policy_summary as _policy_summary
@@ -92,7 +104,13 @@ class GatewayConfig:
     """`self_addrs` are the host's own addresses or networks (the sandbox pool, the
     host's interfaces): never dialed whatever a policy allows. The TCP listener
     addresses of all sandboxes are added to them automatically. `splice` False makes
-    tunnels use recv/send (for measurement and for kernels without splice)."""
+    tunnels use recv/send (for measurement and for kernels without splice).
+
+    The git gateway (gateway/git.py): `credentials_dir` is the root-only directory of
+    upstream credentials (gateway/credentials.py; None: never any), `upstream_ca_file`
+    the CA bundle git hosts and the GitHub API are verified against (None: the system
+    trust store), and the git_max_* limits bound a push body, an upload-pack body and
+    one relayed response body, in bytes."""
 
     audit_path: str = DEFAULT_AUDIT_PATH
     resolver: Resolver = system_resolver
@@ -104,6 +122,11 @@ class GatewayConfig:
     splice: bool = True
     recent_denials: int = 100
     resolver_threads: int = 16
+    credentials_dir: str | None = DEFAULT_CREDENTIALS_DIR
+    upstream_ca_file: str | None = None
+    git_max_push_body: int = DEFAULT_MAX_PUSH_BODY
+    git_max_fetch_body: int = DEFAULT_MAX_FETCH_BODY
+    git_max_response: int = DEFAULT_MAX_RESPONSE
 
 
 @dataclass(frozen=True)
@@ -117,12 +140,21 @@ class SandboxEndpoints:
 class _Refusal(Exception):
     """Stop this exchange: answer `status` (unless the response has started), audit."""
 
-    def __init__(self, status: int, decision: str, rule: str, reason: str, hint: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        decision: str,
+        rule: str,
+        reason: str,
+        hint: str = "",
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.status = status
         self.decision = decision
         self.rule = rule
         self.reason = reason
         self.hint = hint
+        self.headers = headers
         super().__init__(reason)
 
 
@@ -170,6 +202,11 @@ class Gateway:
         self._resolver_pool = ThreadPoolExecutor(
             config.resolver_threads, thread_name_prefix="sandgate-resolve"
         )
+        self._git = GitGateway(
+            self,
+            CredentialStore(config.credentials_dir),
+            GitLimits(config.git_max_push_body, config.git_max_fetch_body, config.git_max_response),
+        )
 
     # --- sandboxes ---------------------------------------------------------------------
 
@@ -216,6 +253,7 @@ class Gateway:
         sandbox = self._sandboxes.pop(sandbox_id, None)
         if sandbox is not None:
             await self._stop(sandbox)
+            await self._git.release(sandbox)  # revoke minted tokens, best effort
 
     async def close(self) -> None:
         for sandbox_id in list(self._sandboxes):
@@ -227,6 +265,11 @@ class Gateway:
         """The sandbox's recent denials and errors, oldest first (audit records)."""
         sandbox = self._sandboxes.get(sandbox_id)
         return [dict(d) for d in sandbox.denials] if sandbox else []
+
+    def _redact(self, text: str) -> str:
+        """`text` without any secret the git credential store holds (audit.redact)."""
+        secrets = self._git.credentials.secrets()
+        return redact(text, secrets) if text and secrets else text
 
     def _start_accepting(self, sandbox: _Sandbox, sock: socket.socket, endpoint: str) -> None:
         task = asyncio.get_running_loop().create_task(self._accept(sandbox, sock, endpoint))
@@ -274,6 +317,7 @@ class Gateway:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await self._handle(sandbox, client, ex)
         except _Refusal as r:
+            r.reason, r.hint = self._redact(r.reason), self._redact(r.hint)
             record.decision, record.rule, record.reason = r.decision, r.rule, r.reason
             if not ex.responded:
                 record.status = r.status
@@ -287,7 +331,12 @@ class Gateway:
                 record.decision = "error"
             record.reason = f"connection error: {e.strerror or e}"
         except Exception:
-            log.exception("gateway %s: request %s failed", sandbox.id, record.request_id)
+            log.error(
+                "gateway %s: request %s failed\n%s",
+                sandbox.id,
+                record.request_id,
+                self._redact(traceback.format_exc()),
+            )
             record.decision, record.reason = "error", "internal error"
             if not ex.responded:
                 record.status = 500
@@ -298,6 +347,8 @@ class Gateway:
                 sandbox.limits.close_connection()
             client.close()
             record.duration_ms = round((time.monotonic() - ex.started) * 1000)
+            if record.reason:
+                record.reason = self._redact(record.reason)
             if ex.audit:
                 self._audit.write(record)
                 if record.decision != "allow":
@@ -305,41 +356,42 @@ class Gateway:
 
     async def _handle(self, sandbox: _Sandbox, client: socket.socket, ex: _Exchange) -> None:
         record = ex.record
-        reader = RequestReader(allow_origin_form=client.family == socket.AF_UNIX)
+        unix = client.family == socket.AF_UNIX
+        # Origin-form is for the gateway itself: the git gateway on both endpoints, the
+        # in-sandbox API on the Unix socket only.
+        reader = RequestReader(allow_origin_form=True)
         req = await self._read_head(client, reader, ex)
         if req is None:
             ex.audit = False  # connected and closed without a byte: nothing was asked
             return
         record.method = req.method
         if req.kind is RequestKind.LOCAL:
-            if not req.path.startswith(API_PREFIX):
+            if req.path.startswith(GIT_PREFIX):
+                record.path = audit_path(req.path)
+                self._admit(sandbox, ex)
+                try:
+                    await self._git.serve(sandbox, client, reader, req, ex)
+                except GitRefused as g:
+                    raise _Refusal(
+                        g.status, g.decision, g.rule, g.reason, g.hint, g.headers
+                    ) from None
+                return
+            if not unix or not req.path.startswith(API_PREFIX):
+                local = f"{GIT_PREFIX} and {API_PREFIX}" if unix else f"{GIT_PREFIX}..."
                 raise _Refusal(
                     400,
                     "deny",
                     "http.malformed",
                     "this is a forward proxy: send absolute-form requests (GET http://host/path) "
-                    f"or CONNECT host:port; origin-form is only for {API_PREFIX}",
+                    f"or CONNECT host:port; origin-form is only for {local}",
                 )
             ex.audit = False  # the in-sandbox API is not egress
             await self._api(sandbox, client, req, record.request_id)
             return
         record.host, record.port = req.target_host, req.port
         record.path = audit_path(req.path) if req.path else None
+        self._admit(sandbox, ex)
         egress = sandbox.policy.egress
-        if not sandbox.limits.try_acquire_request():
-            raise _Refusal(
-                429,
-                "deny",
-                "egress.rate",
-                f"more than {egress.rate:g} requests a second (burst {egress.burst})",
-            )
-        if not ex.counted:
-            raise _Refusal(
-                429,
-                "deny",
-                "egress.max_connections",
-                f"{egress.max_connections} connections are already open (egress.max_connections)",
-            )
         decision, status = _decide(egress, req)
         record.rule = decision.rule
         if not decision.allowed:
@@ -356,8 +408,7 @@ class Gateway:
             # Body bytes that came with the head are checked before anything is dialed,
             # so a malformed or oversized body in the first packet reaches nothing.
             early = _buffered_body_events(reader, decision)
-        addrs = await self._resolve(sandbox, req)
-        upstream, addr = await self._dial(addrs, req)
+        upstream, addr = await self._connect(sandbox, req.target_host, req.port)
         record.decision, record.reason = "allow", decision.reason
         record.addr = str(addr)
         try:
@@ -367,6 +418,24 @@ class Gateway:
                 await self._forward(sandbox, client, upstream, reader, req, decision, early, ex)
         finally:
             upstream.close()
+
+    def _admit(self, sandbox: _Sandbox, ex: _Exchange) -> None:
+        """The sandbox's request rate and connection cap (429)."""
+        egress = sandbox.policy.egress
+        if not sandbox.limits.try_acquire_request():
+            raise _Refusal(
+                429,
+                "deny",
+                "egress.rate",
+                f"more than {egress.rate:g} requests a second (burst {egress.burst})",
+            )
+        if not ex.counted:
+            raise _Refusal(
+                429,
+                "deny",
+                "egress.max_connections",
+                f"{egress.max_connections} connections are already open (egress.max_connections)",
+            )
 
     async def _read_head(
         self, client: socket.socket, reader: RequestReader, ex: _Exchange
@@ -391,12 +460,20 @@ class Gateway:
                 408, "deny", "http.head_timeout", f"no complete request head within {limit:g}s"
             ) from None
 
-    async def _resolve(self, sandbox: _Sandbox, req: ProxyRequest) -> list[IPAddress]:
+    async def _connect(
+        self, sandbox: _Sandbox, host: str, port: int
+    ) -> tuple[socket.socket, IPAddress]:
+        """Resolve `host`, check its addresses against the sandbox's allow_cidrs and the
+        gateway's own, and dial one of exactly those (refusals: 403, 502, 504)."""
+        addrs = await self._resolve(sandbox, host, port)
+        return await self._dial(addrs, host, port)
+
+    async def _resolve(self, sandbox: _Sandbox, host: str, port: int) -> list[IPAddress]:
         loop = asyncio.get_running_loop()
         check = functools.partial(
             resolve_and_check,
-            req.target_host,
-            req.port,
+            host,
+            port,
             resolver=self.config.resolver,
             self_addrs=self._self_addrs(),
             allow_cidrs=sandbox.policy.egress.allow_cidrs,
@@ -416,12 +493,10 @@ class Gateway:
                 "metadata addresses never.",
             ) from None
         except TimeoutError:
-            raise _Refusal(
-                504, "error", "resolve", f"resolving {req.target_host} took too long"
-            ) from None
+            raise _Refusal(504, "error", "resolve", f"resolving {host} took too long") from None
         except OSError as e:
             raise _Refusal(
-                502, "error", "resolve", f"cannot resolve {req.target_host}: {e.strerror or e}"
+                502, "error", "resolve", f"cannot resolve {host}: {e.strerror or e}"
             ) from None
 
     def _self_addrs(self) -> Collection[IPAddress | IPNetwork | str]:
@@ -434,7 +509,7 @@ class Gateway:
         return {*self.config.self_addrs, *(ip_address(a) for a in listening)}
 
     async def _dial(
-        self, addrs: list[IPAddress], req: ProxyRequest
+        self, addrs: list[IPAddress], host: str, port: int
     ) -> tuple[socket.socket, IPAddress]:
         """Connect to the first of the checked addresses that answers."""
         loop = asyncio.get_running_loop()
@@ -445,7 +520,7 @@ class Gateway:
             sock.setblocking(False)
             try:
                 async with asyncio.timeout(self.config.connect_timeout):
-                    await loop.sock_connect(sock, (str(addr), req.port))
+                    await loop.sock_connect(sock, (str(addr), port))
             except TimeoutError:
                 sock.close()
                 timed_out = True
@@ -459,7 +534,7 @@ class Gateway:
                 raise
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock, addr
-        where = f"{req.target_host}:{req.port} ({', '.join(map(str, addrs))})"
+        where = f"{host}:{port} ({', '.join(map(str, addrs))})"
         if last_error is None and timed_out:
             raise _Refusal(
                 504,
@@ -649,7 +724,10 @@ class Gateway:
         body = _refusal_text(r, record)
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(LINGER_TIMEOUT):
-                await loop.sock_sendall(client, http.response(r.status, body, record.request_id))
+                await loop.sock_sendall(
+                    client,
+                    http.response(r.status, body, record.request_id, extra_headers=r.headers),
+                )
             _shutdown_write(client)
             drained = 0
             async with asyncio.timeout(LINGER_TIMEOUT):
@@ -743,6 +821,10 @@ def _is_ip_literal(host: str) -> bool:
 
 def _refusal_text(r: _Refusal, record: AuditRecord) -> str:
     what = f"{record.method} {record.host}:{record.port}" if record.host else "the request"
+    if record.repo:
+        what = f"git {record.service or 'request'} for {record.repo}"
+    elif record.path and record.path.startswith(GIT_PREFIX):
+        what = f"git request {record.method} {record.path}"
     lines = [f"sandgate: {what} refused: {r.reason}"]
     if r.rule:
         lines.append(f"rule: {r.rule}")

@@ -116,6 +116,42 @@ def _pin(text: str) -> tuple[str, list]:
         raise argparse.ArgumentTypeError(f"bad --resolve {text!r}: {exc}") from exc
 
 
+def _repo(text: str):
+    """A [[git.repos]] entry from `--repo URL[=read|write]`: read by default; write
+    may push branches (refs/heads/*) only: no tags, no deletes, at most 10 refs a push."""
+    from gateway.policy import PolicyError, parse_policy
+
+    url, sep, access = text.rpartition("=")
+    if not sep:
+        url, access = text, "read"
+    if access not in ("read", "write"):
+        raise argparse.ArgumentTypeError(
+            f"bad --repo {text!r}: expected URL, URL=read or URL=write"
+        )
+    lines = ["[[git.repos]]", f"url = {json.dumps(url)}", f'access = "{access}"']
+    if access == "write":
+        lines += [
+            "[git.repos.push]",
+            'refs = ["refs/heads/*"]',
+            "allow_delete = false",
+            "allow_tags = false",
+            "max_refs = 10",
+        ]
+    try:
+        (repo,) = parse_policy("\n".join(lines), "--repo").repos
+    except PolicyError as exc:
+        reason = str(exc).split(": ", 2)[-1]
+        raise argparse.ArgumentTypeError(f"bad --repo {text!r}: {reason}") from exc
+    return repo
+
+
+def _readable_file(text: str) -> str:
+    path = os.path.abspath(text)
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return path
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key or "\0" in text:
@@ -149,6 +185,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not argv:
         raise UsageError("run: no command given (usage: sandgate run [OPTIONS] -- CMD [ARG...])")
     policy = _with_cli_rules(_load_policy(args.policy), args)
+    policy = _with_cli_repos(policy, args.repo)
+    _check_upstream_ca(args.upstream_ca)
     limits = _limits(args, policy)
     timeout = args.timeout if args.timeout is not None else policy.limits.timeout
     try:
@@ -170,6 +208,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     except PermissionError as exc:
         _err(str(exc))
         return EXIT_SANDGATE
+    if policy.repos:
+        from gateway.credentials import check_credentials
+
+        # The gateway would refuse these at the first git request; say so now instead.
+        problems = check_credentials(args.credentials, {r.host for r in policy.repos})
+        for problem in problems:
+            _err(f"git credentials: {problem}")
+        if problems:
+            return EXIT_SANDGATE
     config = _config(args)
     started = time.monotonic()
     try:
@@ -244,7 +291,10 @@ def _run_command(sandbox, argv, args, identity, fs, plan, timeout, policy, confi
     spec = CommandSpec(
         argv=tuple(argv),
         env=sandbox_env(
-            {**proxy_env(gw_addr, gw_port), **dict(args.env)}, sandbox.id, fs.home, identity.name
+            {**proxy_env(gw_addr, gw_port, {r.host for r in policy.repos}), **dict(args.env)},
+            sandbox.id,
+            fs.home,
+            identity.name,
         ),
         cwd=args.workdir or fs.workspace_target,
         uid=identity.uid,
@@ -261,6 +311,8 @@ def _run_command(sandbox, argv, args, identity, fs, plan, timeout, policy, confi
                 audit_path=str(config.audit_path),
                 resolver=pinned_resolver(dict(args.resolve), system_resolver),
                 self_addrs=own_networks(config.pool, addresses_in_use()),
+                credentials_dir=args.credentials,
+                upstream_ca_file=args.upstream_ca,
             )
         )
         gateway.append(gw)
@@ -344,6 +396,33 @@ def _with_cli_rules(policy, args: argparse.Namespace):
         return with_extra(policy, allow=rules, allow_cidrs=args.allow_cidr)
     except ValueError as exc:
         raise UsageError(f"--allow/--allow-cidr: {exc}") from exc
+
+
+def _with_cli_repos(policy, repos):
+    """--repo entries join the policy's [[git.repos]] for this run; one for a
+    repository the policy lists already replaces that entry."""
+    from dataclasses import replace
+
+    if not repos:
+        return policy
+    seen: set[str] = set()
+    for repo in repos:
+        if repo.url.lower() in seen:
+            raise UsageError(f"--repo {repo.url} is given twice")
+        seen.add(repo.url.lower())
+    kept = [r for r in policy.repos if r.url.lower() not in seen]
+    return replace(policy, repos=(*kept, *repos))
+
+
+def _check_upstream_ca(path: str | None) -> None:
+    if path is None:
+        return
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--upstream-ca {path}: not a usable PEM CA bundle: {exc}") from exc
 
 
 def _load_policy(path: str | None):
@@ -579,6 +658,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST=ADDR[,ADDR]",
         help="the gateway resolves HOST to these addresses instead of asking the host's "
         "resolver (the answers are still checked against the address rules). Repeatable",
+    )
+    run.add_argument(
+        "--repo",
+        action="append",
+        default=[],
+        type=_repo,
+        metavar="URL[=read|write]",
+        help="also let the sandbox use this git repository (https://host/org/repo) for "
+        "this run, through the git gateway: read (clone, fetch; the default) or write "
+        "(also push branches, refs/heads/*: no tags, no deletes, at most 10 refs a push). "
+        "Repeatable",
+    )
+    run.add_argument(
+        "--credentials",
+        metavar="DIR",
+        default="/etc/sandgate/credentials",
+        help="root-only directory of upstream git credentials: HOST.token or "
+        "HOST.github-app.toml (default: %(default)s); never visible in the sandbox",
+    )
+    run.add_argument(
+        "--upstream-ca",
+        metavar="FILE",
+        type=_readable_file,
+        help="PEM CA bundle that git hosts (and the GitHub API) must chain to; "
+        "default: the system trust store",
     )
     run.add_argument(
         "--audit-log",

@@ -33,23 +33,33 @@ def socket_path(run_dir: Path, sandbox_id: str) -> Path:
     return run_dir / "gateways" / f"{sandbox_id}.sock"
 
 
-def proxy_env(gateway: IPv4Address, port: int) -> dict[str, str]:
+def proxy_env(gateway: IPv4Address, port: int, git_hosts: Iterable[str] = ()) -> dict[str, str]:
     """Variables that make curl, pip, npm, git and most HTTP libraries use the gateway.
 
     There is no DNS inside a sandbox; every name is resolved by the gateway, so even
-    local names go through it except the loopback ones in NO_PROXY.
+    local names go through it except the loopback ones in NO_PROXY. The gateway's own
+    address is in NO_PROXY too: requests to it (the git gateway) go to it directly.
+
+    git reads its configuration from the environment (GIT_CONFIG_COUNT, _KEY_n,
+    _VALUE_n; git >= 2.31): http.proxy, and for every host in `git_hosts` (the hosts
+    of the sandbox's [[git.repos]]) `url.http://GATEWAY:PORT/git/HOST/.insteadOf =
+    https://HOST/`, so that `git clone https://HOST/org/repo` talks to the git gateway,
+    which holds the credential. Nothing inside the sandbox holds one.
     """
     url = f"http://{gateway}:{port}"
     env = {}
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         env[name] = env[name.lower()] = url
-    env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1,::1"
+    env["NO_PROXY"] = env["no_proxy"] = f"localhost,127.0.0.1,::1,{gateway}"
     env["PIP_PROXY"] = url
     env["npm_config_proxy"] = env["npm_config_https_proxy"] = url
-    # git reads http.proxy from the environment through GIT_CONFIG_* (git >= 2.31).
-    env["GIT_CONFIG_COUNT"] = "1"
-    env["GIT_CONFIG_KEY_0"] = "http.proxy"
-    env["GIT_CONFIG_VALUE_0"] = url
+    config = [("http.proxy", url)]
+    for host in sorted(set(git_hosts)):
+        config.append((f"url.{url}/git/{host}/.insteadOf", f"https://{host}/"))
+    env["GIT_CONFIG_COUNT"] = str(len(config))
+    for i, (key, value) in enumerate(config):
+        env[f"GIT_CONFIG_KEY_{i}"] = key
+        env[f"GIT_CONFIG_VALUE_{i}"] = value
     env["SANDGATE_GATEWAY_SOCKET"] = SOCKET_IN_SANDBOX
     return env
 

@@ -51,6 +51,9 @@ AUDIT_FIELDS = {
     "bytes_up",
     "bytes_down",
     "duration_ms",
+    "repo",
+    "service",
+    "refs",
 }
 
 
@@ -356,7 +359,7 @@ def test_allowed_get_is_rebuilt_and_audited(tmp_path, upstream, servers, loop_fa
         assert set(line) == AUDIT_FIELDS
         assert line["decision"] == "allow" and line["rule"] == "egress.allow[0]"
         assert (line["method"], line["host"], line["port"]) == ("GET", "upstream.test", 80)
-        assert line["path"] == "/some/path?q=1" and line["addr"] == str(upstream.addr)
+        assert line["path"] == "/some/path?q=***" and line["addr"] == str(upstream.addr)
         assert line["status"] == 200 and line["endpoint"] == "tcp"
         assert line["bytes_up"] == len(seen.data) and line["bytes_down"] == len(OK_RESPONSE)
         assert SECRET not in Path(run.audit_path).read_text()

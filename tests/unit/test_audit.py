@@ -26,6 +26,9 @@ FIELDS = {
     "bytes_up",
     "bytes_down",
     "duration_ms",
+    "repo",
+    "service",
+    "refs",
 }
 
 
