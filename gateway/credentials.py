@@ -422,7 +422,7 @@ class CredentialStore:
         names, permission = scope
         body = json.dumps({"repositories": list(names), "permissions": {"contents": permission}})
         url = f"{app.api_url}/app/installations/{app.installation_id}/access_tokens"
-        what = f"minting a GitHub App installation token for {app.host} ({app.path})"
+        what = f"minting a GitHub App installation token for {app.host}"
         try:
             resp = await fetch(
                 "POST",

@@ -688,7 +688,11 @@ class GitGateway:
                 headers.append(("Transfer-Encoding", "chunked"))
             elif req.content_length is not None:
                 headers.append(("Content-Length", str(req.content_length)))
-            headers.append(("Connection", "close"))
+            # No "Connection: close": the response's own framing tells h11 where it
+            # ends and the gateway closes then. A server that closes right after the
+            # last byte (Python's ssl, many others, without TLS close_notify) can have
+            # its tail dropped by uvloop 0.23's SSL transport while reading is paused
+            # for a slow client (a truncated clone; MagicStack/uvloop#661).
             request = h11.Request(
                 method=req.method, target=upstream_target(routed, repo), headers=headers
             )
@@ -834,13 +838,13 @@ class GitGateway:
         for name, value in event.headers:
             values.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
         if status in (401, 407):
-            directory = self.credentials.directory
+            # Where the host keeps credentials is for the operator (docs/git), not
+            # for the sandbox that reads this answer.
             raise GitRefused(
                 502,
                 "git.upstream.auth",
                 f"{host} asked for authentication (HTTP {status}): the gateway's credential "
-                f"for {host} is missing, wrong or lacks access to {record.repo} "
-                f"(credentials: {directory}/{host}.token or {host}.github-app.toml)",
+                f"for {host} is missing, wrong or lacks access to {record.repo}",
                 decision="error",
             )
         encoding = (values.get("content-encoding") or [None])[0]
