@@ -673,9 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--credentials",
         metavar="DIR",
-        default="/etc/sandgate/credentials",
+        # Under systemd, LoadCredential= puts them in $CREDENTIALS_DIRECTORY.
+        default=os.environ.get("CREDENTIALS_DIRECTORY") or "/etc/sandgate/credentials",
         help="root-only directory of upstream git credentials: HOST.token or "
-        "HOST.github-app.toml (default: %(default)s); never visible in the sandbox",
+        "HOST.github-app.toml (default: $CREDENTIALS_DIRECTORY, the systemd credentials "
+        "of the service, else %(default)s); never visible in the sandbox",
     )
     run.add_argument(
         "--upstream-ca",
