@@ -20,7 +20,9 @@ before the allowed ranges so that no `allow_cidrs` entry, however broad, opens
 them; gateway/policy.py rejects such an entry outright (`never_allowed_overlap`).
 
 Pure, except `system_resolver`, the one function that does I/O; `resolve_and_check`
-takes the resolver as an argument so that tests pass a fake one.
+takes the resolver as an argument so that tests pass a fake one. The gateway runs
+the same steps in pieces (`literal_target`, its own lookup, `check_answers`) so that
+a name answered without I/O is not sent to a thread.
 """
 
 from __future__ import annotations
@@ -28,12 +30,17 @@ from __future__ import annotations
 import enum
 import re
 import socket
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 Resolver = Callable[[str, int], list[IPAddress]]
+"""(host, port) -> the host's addresses; may block (DNS), so the gateway calls it in a
+thread pool. A resolver may also answer some names without I/O (pinned names,
+runner.gateway_thread.pinned_resolver): it then has a method `local(host, port)` that
+returns those answers, or None for a name that needs the blocking call; the gateway
+asks `local` first, on its event loop (`local_answer`)."""
 
 
 class AddressClass(enum.Enum):
@@ -256,7 +263,8 @@ def _as_ip(addr: IPAddress | str) -> IPAddress:
     return parsed
 
 
-def _as_networks(items: Iterable[IPAddress | IPNetwork | str]) -> tuple[IPNetwork, ...]:
+def as_networks(items: Iterable[IPAddress | IPNetwork | str]) -> tuple[IPNetwork, ...]:
+    """Addresses (as /32 or /128), networks or their text, as networks."""
     return tuple(
         item if isinstance(item, IPv4Network | IPv6Network) else ip_network(item) for item in items
     )
@@ -310,7 +318,7 @@ def classify(
     `allow_cidrs` are the policy's ranges that let private (and other special-purpose,
     but routable) addresses through.
     """
-    return _classify(_as_ip(addr), _as_networks(self_addrs), _as_networks(allow_cidrs))
+    return _classify(_as_ip(addr), as_networks(self_addrs), as_networks(allow_cidrs))
 
 
 def _classify(
@@ -395,14 +403,33 @@ def resolve_and_check(
     exactly what was checked. Raises AddressRefused; the resolver's own errors
     (socket.gaierror) pass through.
     """
+    literal = literal_target(host, port)
+    answers = [literal] if literal is not None else resolver(host, port)
+    return check_answers(host, answers, self_addrs=self_addrs, allow_cidrs=allow_cidrs)
+
+
+def literal_target(host: str, port: int) -> IPAddress | None:
+    """The first step of `resolve_and_check`: the address `host` spells when it is an
+    IP literal (not to be resolved), None for a name. ValueError for a port out of
+    range; AddressRefused for text that is meant as an address but is not a valid one."""
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is not a valid TCP port")
-    selfs, allowed = _as_networks(self_addrs), _as_networks(allow_cidrs)
     try:
-        literal = parse_ip_literal(host)
+        return parse_ip_literal(host)
     except ValueError as e:
         raise AddressRefused(host, None, None, str(e)) from None
-    answers = [literal] if literal is not None else resolver(host, port)
+
+
+def check_answers(
+    host: str,
+    answers: Sequence[IPAddress | str],
+    *,
+    self_addrs: Collection[IPAddress | IPNetwork | str] = (),
+    allow_cidrs: Collection[IPNetwork | str] = (),
+) -> list[IPAddress]:
+    """The last step of `resolve_and_check`: every answer for `host` classified, all
+    of them allowed or AddressRefused; the addresses to dial, IPv4-mapped ones unwrapped."""
+    selfs, allowed = as_networks(self_addrs), as_networks(allow_cidrs)
     if not answers:
         raise AddressRefused(host, None, None, "the name resolved to no addresses")
     result: list[IPAddress] = []
@@ -418,6 +445,12 @@ def resolve_and_check(
         if dial not in result:
             result.append(dial)
     return result
+
+
+def local_answer(resolver: Resolver, host: str, port: int) -> list[IPAddress] | None:
+    """What `resolver` answers for `host` without I/O (see `Resolver`), or None."""
+    local = getattr(resolver, "local", None)
+    return local(host, port) if local is not None else None
 
 
 def system_resolver(host: str, port: int) -> list[IPAddress]:

@@ -47,6 +47,7 @@ multi-line strings are skipped only roughly.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 import tomllib
@@ -185,6 +186,15 @@ def _normalize(host: object) -> str:
     with an explanation (not repeating the host) when it is not a valid host name."""
     if not isinstance(host, str):
         raise ValueError(f"expected a string, got {_type_name(host)}")
+    return _normalize_name(host)
+
+
+# The gateway normalises the host of every request (its target and its Host header),
+# and a sandbox asks for the same few names again and again: the IDNA round trip is
+# most of a request's parsing time. Pure, so cached; bounded, and only valid names
+# are kept (a ValueError is not cached), which are at most ~254 characters long.
+@functools.lru_cache(maxsize=1024)
+def _normalize_name(host: str) -> str:
     name = host.removesuffix(".")
     if not name:
         raise ValueError("empty host name")

@@ -12,10 +12,17 @@ timeouts and the order of the questions. Per connection, one request:
   policy.decide                               denied         -> 403 (413: body size)
   upload budget vs Content-Length             over           -> 429
   body bytes that came with the head          malformed/big  -> 400/413, nothing dialed
-  resolve (thread pool) and classify          refused        -> 403
+  resolve and classify                        refused        -> 403
   dial exactly a checked address              fails          -> 502, times out -> 504
   CONNECT: "200 Connection established", then relay both ways
   HTTP: the rebuilt head and re-framed body, then the response relayed unchanged
+
+Resolving. A name the resolver can answer without I/O (a pinned name, see
+gateway.addr.Resolver) or that was looked up less than `resolve_cache_ttl` seconds
+ago is answered on the event loop; any other name is looked up in a thread pool
+(getaddrinfo blocks). Only answers are reused, never a verdict: every answer is
+classified (gateway/addr.py) again for every request, against the sandbox's
+allow_cidrs and the gateway's own addresses as they are then.
 
 Identity is the listener a connection arrived on, never something the client says.
 Each connection carries one request (plain HTTP is sent upstream with
@@ -24,14 +31,17 @@ client connection is closed too), so every decision is one audit line, written
 when the connection ends (a refusal, at once).
 
 Moving bytes. Tunnels and plain-HTTP responses are relayed by two pumps, one per
-direction, that run on the event loop. A tunnel pump uses splice(2) (socket ->
-pipe -> socket, zero-copy) on non-blocking sockets, waiting with add_reader and
-add_writer: it reads at most one pipe's worth and does not read again until that
-is written, so a slow receiver stops the sender through TCP flow control, and no
-thread is needed per tunnel (a thread per tunnel would cost a stack and a kernel
-task per connection and would need its own idle/total timeout machinery). When a
-socket does not support splice (EINVAL) the pump falls back to recv/send. The
-plain-HTTP response uses recv/send so the status line can be read for the log.
+direction, that run on the event loop (a plain-HTTP request without a body needs
+only the response's, which then runs in the connection's own task); one loop timer
+per relay enforces the idle and total timeouts. A tunnel pump uses splice(2)
+(socket -> pipe -> socket, zero-copy) on non-blocking sockets, waiting with
+add_reader and add_writer: it reads at most one pipe's worth and does not read
+again until that is written, so a slow receiver stops the sender through TCP flow
+control, and no thread is needed per tunnel (a thread per tunnel would cost a stack
+and a kernel task per connection and would need its own idle/total timeout
+machinery). When a socket does not support splice (EINVAL) the pump falls back to
+recv/send. The plain-HTTP response uses recv/send so the status line can be read
+for the log.
 Upload bytes (tunnel client->upstream, plain-HTTP head and body) are charged to the
 sandbox's budget before they are written: when it runs out, the connection is
 closed, and a chunked body then never gets its terminating 0-chunk.
@@ -53,7 +63,7 @@ import stat
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -65,8 +75,11 @@ from gateway.addr import (
     IPAddress,
     IPNetwork,
     Resolver,
+    as_networks,
+    check_answers,
+    literal_target,
+    local_answer,
     parse_ip_literal,
-    resolve_and_check,
     system_resolver,
 )
 from gateway.audit import DEFAULT_AUDIT_PATH, AuditLog, AuditRecord, new_request_id, redact
@@ -96,6 +109,7 @@ GATEWAY_SOCKET_IN_SANDBOX = "/run/sandgate/gateway.sock"
 REFUSED_HEAD_TIMEOUT = 2.0  # over the connection cap: read the head only briefly
 LINGER_TIMEOUT = 1.0
 LINGER_BYTES = 256 * 1024
+ACCEPT_BATCH = 16  # connections taken from a listener's queue per wake-up, at most
 _RESPONSE_STATUS = re.compile(rb"HTTP/1\.[01] ([0-9]{3})")
 
 
@@ -110,7 +124,11 @@ class GatewayConfig:
     upstream credentials (gateway/credentials.py; None: never any), `upstream_ca_file`
     the CA bundle git hosts and the GitHub API are verified against (None: the system
     trust store), and the git_max_* limits bound a push body, an upload-pack body and
-    one relayed response body, in bytes."""
+    one relayed response body, in bytes.
+
+    `resolve_cache_ttl`: how long (seconds) the gateway reuses a name's addresses
+    from a blocking lookup before asking the resolver again (0: never reuse); the
+    addresses are checked again on every use, and failures are never reused."""
 
     audit_path: str = DEFAULT_AUDIT_PATH
     resolver: Resolver = system_resolver
@@ -122,6 +140,7 @@ class GatewayConfig:
     splice: bool = True
     recent_denials: int = 100
     resolver_threads: int = 16
+    resolve_cache_ttl: float = 30.0
     credentials_dir: str | None = DEFAULT_CREDENTIALS_DIR
     upstream_ca_file: str | None = None
     git_max_push_body: int = DEFAULT_MAX_PUSH_BODY
@@ -158,10 +177,6 @@ class _Refusal(Exception):
         super().__init__(reason)
 
 
-class _IdleTimeout(Exception):
-    pass
-
-
 @dataclass
 class _Exchange:
     """One client connection's progress; `record` becomes its audit line."""
@@ -177,6 +192,39 @@ class _Exchange:
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
+
+
+class _ResolutionCache:
+    """Recent answers of blocking lookups, by (host, port), for `ttl` seconds; at most
+    `size` names (the oldest is dropped first). Answers only: every use is classified
+    again, so what is reused can never be a stale allow."""
+
+    def __init__(self, ttl: float, size: int = 1024) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._answers: dict[tuple[str, int], tuple[float, tuple[IPAddress, ...]]] = {}
+
+    def get(self, host: str, port: int) -> list[IPAddress] | None:
+        found = self._answers.get((host, port))
+        if found is None:
+            return None
+        expires, answers = found
+        if time.monotonic() >= expires:
+            del self._answers[host, port]
+            return None
+        return list(answers)
+
+    def put(self, host: str, port: int, answers: list[IPAddress]) -> None:
+        if self.ttl <= 0:
+            return
+        now = time.monotonic()
+        if len(self._answers) >= self.size:
+            for key in [k for k, (expires, _) in self._answers.items() if expires <= now]:
+                del self._answers[key]
+            while len(self._answers) >= self.size:
+                del self._answers[next(iter(self._answers))]
+        self._answers.pop((host, port), None)  # re-inserted last: the newest
+        self._answers[host, port] = (now + self.ttl, tuple(answers))
 
 
 @dataclass
@@ -202,6 +250,10 @@ class Gateway:
         self._resolver_pool = ThreadPoolExecutor(
             config.resolver_threads, thread_name_prefix="sandgate-resolve"
         )
+        self._resolved = _ResolutionCache(config.resolve_cache_ttl)
+        # Never dialed: the configured addresses and every sandbox's TCP listener, as
+        # networks; rebuilt when a sandbox is added or removed, not per request.
+        self._self_networks = self._own_networks()
         self._git = GitGateway(
             self,
             CredentialStore(config.credentials_dir),
@@ -246,12 +298,14 @@ class Gateway:
             await self._stop(sandbox)
             raise
         self._sandboxes[sandbox_id] = sandbox
+        self._self_networks = self._own_networks()
         return SandboxEndpoints(tcp_bound, unix_path)
 
     async def remove_sandbox(self, sandbox_id: str) -> None:
         """Close the sandbox's listeners and every connection it has open."""
         sandbox = self._sandboxes.pop(sandbox_id, None)
         if sandbox is not None:
+            self._self_networks = self._own_networks()
             await self._stop(sandbox)
             await self._git.release(sandbox)  # revoke minted tokens, best effort
 
@@ -288,9 +342,21 @@ class Gateway:
 
     async def _accept(self, sandbox: _Sandbox, sock: socket.socket, endpoint: str) -> None:
         loop = asyncio.get_running_loop()
+        # Connections already queued are taken at once, up to ACCEPT_BATCH in a row
+        # before waiting again: uvloop's sock_accept always waits for its poller (an
+        # epoll registration and a loop iteration per connection). Under load, taking
+        # a batch per wake-up cut the CPU per request by about a quarter
+        # (tests/bench/bench_gateway.py). The bound keeps a flood of new connections
+        # from starving those already open.
+        in_a_row = 0
         while True:
             try:
-                conn, _ = await loop.sock_accept(sock)
+                conn = _accept_ready(sock) if in_a_row < ACCEPT_BATCH else None
+                if conn is None:
+                    in_a_row = 0
+                    conn, _ = await loop.sock_accept(sock)
+                else:
+                    in_a_row += 1
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("gateway %s: accept: %s; retrying", sandbox.id, e.strerror)
@@ -440,7 +506,7 @@ class Gateway:
     async def _read_head(
         self, client: socket.socket, reader: RequestReader, ex: _Exchange
     ) -> ProxyRequest | None:
-        loop = asyncio.get_running_loop()
+        recv = _Receiver(client)
         limit = self.config.head_timeout if ex.counted else REFUSED_HEAD_TIMEOUT
         try:
             async with asyncio.timeout(limit):
@@ -448,7 +514,7 @@ class Gateway:
                     event = reader.next_event()
                     if isinstance(event, ProxyRequest):
                         return event
-                    data = await loop.sock_recv(client, RECV_SIZE)
+                    data = await recv()
                     if not data and not ex.received:
                         return None
                     ex.received += len(data)
@@ -469,18 +535,24 @@ class Gateway:
         return await self._dial(addrs, host, port)
 
     async def _resolve(self, sandbox: _Sandbox, host: str, port: int) -> list[IPAddress]:
-        loop = asyncio.get_running_loop()
-        check = functools.partial(
-            resolve_and_check,
-            host,
-            port,
-            resolver=self.config.resolver,
-            self_addrs=self._self_addrs(),
-            allow_cidrs=sandbox.policy.egress.allow_cidrs,
-        )
+        """gateway.addr.resolve_and_check in steps, so that only a lookup that does I/O
+        leaves the event loop (a thread hop costs more than the rest of the request)."""
         try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                return await loop.run_in_executor(self._resolver_pool, check)
+            literal = literal_target(host, port)
+            if literal is not None:
+                answers = [literal]
+            else:
+                answers = local_answer(self.config.resolver, host, port)
+                if answers is None:
+                    answers = self._resolved.get(host, port)
+                if answers is None:
+                    answers = await self._lookup(host, port)
+            return check_answers(
+                host,
+                answers,
+                self_addrs=self._self_networks,
+                allow_cidrs=sandbox.policy.egress.allow_cidrs,
+            )
         except AddressRefused as e:
             klass = e.klass.value if e.klass is not None else "invalid"
             raise _Refusal(
@@ -492,21 +564,33 @@ class Gateway:
                 "range can be opened with egress.allow_cidrs, loopback, link-local and "
                 "metadata addresses never.",
             ) from None
+
+    async def _lookup(self, host: str, port: int) -> list[IPAddress]:
+        """The resolver's blocking answer, from the thread pool (502, 504)."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                answers = await loop.run_in_executor(
+                    self._resolver_pool, self.config.resolver, host, port
+                )
         except TimeoutError:
             raise _Refusal(504, "error", "resolve", f"resolving {host} took too long") from None
         except OSError as e:
             raise _Refusal(
                 502, "error", "resolve", f"cannot resolve {host}: {e.strerror or e}"
             ) from None
+        if answers:  # an empty answer is refused; let the next request ask again
+            self._resolved.put(host, port, answers)
+        return answers
 
-    def _self_addrs(self) -> Collection[IPAddress | IPNetwork | str]:
+    def _own_networks(self) -> tuple[IPNetwork, ...]:
         listening = {
             sock.getsockname()[0]
             for sandbox in self._sandboxes.values()
             for sock in sandbox.listeners
             if sock.family in (socket.AF_INET, socket.AF_INET6)
         }
-        return {*self.config.self_addrs, *(ip_address(a) for a in listening)}
+        return as_networks({*self.config.self_addrs, *(ip_address(a) for a in listening)})
 
     async def _dial(
         self, addrs: list[IPAddress], host: str, port: int
@@ -520,7 +604,7 @@ class Gateway:
             sock.setblocking(False)
             try:
                 async with asyncio.timeout(self.config.connect_timeout):
-                    await loop.sock_connect(sock, (str(addr), port))
+                    await _sock_connect(loop, sock, addr, port)
             except TimeoutError:
                 sock.close()
                 timed_out = True
@@ -592,9 +676,14 @@ class Gateway:
             ex.responded = True
             ex.record.bytes_down += n
 
+        # Without a body (most requests) the upload pump would have nothing to do:
+        # only the response is relayed, without a second task.
+        bodiless = not req.chunked and len(early) == 1 and early[0] is http.END_OF_BODY
         await self._relay(
             ex,
-            self._send_body(sandbox, client, upstream, reader, req, decision, early, ex),
+            None
+            if bodiless
+            else self._send_body(sandbox, client, upstream, reader, req, decision, early, ex),
             self._copy(upstream, client, down, sniff=ex),
             both=False,
         )
@@ -612,11 +701,11 @@ class Gateway:
     ) -> None:
         """Strictly decoded body, re-framed chunk by chunk; on any error the upstream
         is closed by the caller and never sees the end of the request."""
-        loop = asyncio.get_running_loop()
+        recv = _Receiver(client)
         while True:
             event = early.pop(0) if early else _body_event(reader, decision)
             if event is http.NEED_DATA:
-                data = await loop.sock_recv(client, RECV_SIZE)
+                data = await recv()
                 ex.touch()
                 reader.feed(data)
             elif event is http.END_OF_BODY:
@@ -643,47 +732,40 @@ class Gateway:
     async def _relay(
         self,
         ex: _Exchange,
-        up: Coroutine[Any, Any, None],
+        up: Coroutine[Any, Any, None] | None,
         down: Coroutine[Any, Any, None],
         *,
         both: bool,
     ) -> None:
         """Run both pumps until `down` is done (and `up` too when `both`), an error, the
-        idle timeout or the total timeout; cancel whatever is left."""
+        idle timeout or the total timeout; cancel whatever is left. Without `up`, `down`
+        runs in this task."""
         loop = asyncio.get_running_loop()
-        up_task, down_task = loop.create_task(up), loop.create_task(down)
-        watchdog = loop.create_task(self._idle_watch(ex))
-        waiting = {up_task, down_task} if both else {down_task}
-        running = {up_task, down_task, watchdog}
-        timeout = asyncio.timeout(self.config.tunnel_total_timeout)
+        pumps = [] if up is None else [loop.create_task(up), loop.create_task(down)]
+        deadlines = _Deadlines(ex, self.config.idle_timeout, self.config.tunnel_total_timeout)
         try:
-            async with timeout:
-                while waiting:
-                    done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        task.result()  # re-raises a pump's error or the idle timeout
-                    waiting -= done
-        except _IdleTimeout:
-            ex.record.reason = (
-                f"{ex.record.reason}; closed after {self.config.idle_timeout:g}s idle"
-            )
-        except TimeoutError:
-            if not timeout.expired():
+            if up is None:
+                await down
+            else:
+                await _wait_pumps(*pumps, both=both)
+        except asyncio.CancelledError:
+            expired = deadlines.expired()
+            if expired is None:
                 raise
-            ex.record.reason = (
-                f"{ex.record.reason}; closed at the {self.config.tunnel_total_timeout:g}s limit"
-            )
+            if expired == "idle":
+                ex.record.reason = (
+                    f"{ex.record.reason}; closed after {self.config.idle_timeout:g}s idle"
+                )
+            else:
+                ex.record.reason = (
+                    f"{ex.record.reason}; closed at the {self.config.tunnel_total_timeout:g}s limit"
+                )
         finally:
-            for task in (up_task, down_task, watchdog):
+            deadlines.cancel()  # first: nothing may time out while the pumps wind down
+            for task in pumps:
                 task.cancel()
-            await asyncio.gather(up_task, down_task, watchdog, return_exceptions=True)
-
-    async def _idle_watch(self, ex: _Exchange) -> None:
-        while True:
-            left = ex.last_activity + self.config.idle_timeout - time.monotonic()
-            if left <= 0:
-                raise _IdleTimeout
-            await asyncio.sleep(left)
+            if pumps:
+                await asyncio.gather(*pumps, return_exceptions=True)
 
     async def _pump(
         self, src: socket.socket, dst: socket.socket, moved: Callable[[int], None]
@@ -703,8 +785,9 @@ class Gateway:
         """recv/send until EOF, then half-close `dst`. With `sniff`, the response status
         is taken from the first bytes for the audit record."""
         loop = asyncio.get_running_loop()
+        recv = _Receiver(src)
         while True:
-            data = await loop.sock_recv(src, RECV_SIZE)
+            data = await recv()
             if not data:
                 break
             moved(len(data))
@@ -854,6 +937,106 @@ def _response_status(prefix: bytes) -> int | None:
         pos = end + 4
 
 
+def _accept_ready(sock: socket.socket) -> socket.socket | None:
+    """A connection from the listener's queue, or None when it is empty."""
+    try:
+        return sock.accept()[0]
+    except (BlockingIOError, InterruptedError):
+        return None
+
+
+class _Receiver:
+    """loop.sock_recv(sock, RECV_SIZE), trying the socket first when that is fair.
+
+    uvloop's sock_recv never tries: it registers the socket with its poller and waits
+    for the next loop iteration even when the bytes (or the end of the stream) are
+    already there, several epoll_ctl calls and a wake-up per read. A try is made only
+    after a read that waited, so a stream that is always ready still yields to the
+    loop (and to the other connections) every other read."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._eager = True
+
+    async def __call__(self) -> bytes:
+        if self._eager:
+            try:
+                data = self._sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                pass
+            else:
+                self._eager = False
+                return data
+        self._eager = True
+        return await self._loop.sock_recv(self._sock, RECV_SIZE)
+
+
+async def _wait_pumps(up: asyncio.Task[None], down: asyncio.Task[None], *, both: bool) -> None:
+    """Until `down` is done (and `up` too when `both`), or one fails (its error is
+    raised); the caller cancels whatever is left."""
+    waiting = {up, down} if both else {down}
+    running = {up, down}
+    while waiting:
+        done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()  # re-raises a pump's error
+        waiting -= done
+
+
+class _Deadlines:
+    """The idle and total timeouts of one relay, as a single loop timer that cancels
+    the relaying task when either has passed: per request, a watchdog task and
+    asyncio.timeout cost more than relaying a small response. The timer reads
+    `ex.last_activity` only when it fires, so moving bytes costs nothing extra.
+
+    After a CancelledError, `expired()` says whether it was this timer's doing (as
+    asyncio.timeout does: only when no other cancellation is pending)."""
+
+    def __init__(self, ex: _Exchange, idle: float, total: float) -> None:
+        self._ex = ex
+        self._idle = idle
+        self._end = time.monotonic() + total
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._fired: str | None = None
+        first = min(ex.last_activity + idle - time.monotonic(), total)
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(max(first, 0), self._check)
+
+    def _check(self) -> None:
+        now = time.monotonic()
+        total_left = self._end - now
+        idle_left = self._ex.last_activity + self._idle - now
+        if total_left <= 0:
+            self._fired = "total"
+        elif idle_left <= 0:
+            self._fired = "idle"
+        else:
+            self._timer = self._loop.call_later(min(idle_left, total_left), self._check)
+            return
+        self._timer = None
+        self._task.cancel()
+
+    def expired(self) -> str | None:
+        """The timeout ("idle" or "total") that cancelled the task, else None."""
+        fired, self._fired = self._fired, None
+        if fired is None or self._task.uncancel() > self._cancelling:
+            return None
+        return fired
+
+    def cancel(self) -> None:
+        """Stop the timer; withdraw its cancellation if the relay ended otherwise."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._fired is not None:
+            self._fired = None
+            self._task.uncancel()
+
+
 def _shutdown_write(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_WR)
@@ -902,6 +1085,24 @@ async def _splice(
     finally:
         os.close(rfd)
         os.close(wfd)
+
+
+async def _sock_connect(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: IPAddress, port: int
+) -> None:
+    """loop.sock_connect for an address the gateway has checked, minus the lookup:
+    uvloop passes even a numeric address through getaddrinfo in its thread pool, a
+    thread hop per connection. Errors read as loop.sock_connect's (asyncio's and
+    uvloop's alike), since they end up in refusals and the audit log."""
+    address = (str(addr), port) if addr.version == 4 else (str(addr), port, 0, 0)
+    err = sock.connect_ex(address)
+    if err in (errno.EINPROGRESS, errno.EINTR):  # EINTR: it goes on in the background
+        await _ready(loop, sock.fileno(), write=True)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, f"Connect call failed {address}")
+    elif err:
+        raise OSError(err, os.strerror(err))
 
 
 async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:

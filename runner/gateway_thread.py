@@ -107,13 +107,24 @@ class GatewayThread:
 
 def pinned_resolver(pins: Mapping[str, list[IPAddress]], fallback: Resolver) -> Resolver:
     """A resolver that answers the pinned names itself (like curl's --resolve) and asks
-    `fallback` (the host's resolver) for the rest. Pinned answers are checked like any."""
+    `fallback` (the host's resolver) for the rest. Pinned answers are checked like any.
+    Its `local` method (gateway.addr.Resolver) gives the gateway the pinned answers
+    without a trip through the resolver thread pool."""
+    return _PinnedResolver(pins, fallback)
 
-    def resolve(host: str, port: int) -> list[IPAddress]:
-        pinned = pins.get(host)
-        return list(pinned) if pinned is not None else fallback(host, port)
 
-    return resolve
+class _PinnedResolver:
+    def __init__(self, pins: Mapping[str, list[IPAddress]], fallback: Resolver) -> None:
+        self._pins = pins
+        self._fallback = fallback
+
+    def local(self, host: str, port: int) -> list[IPAddress] | None:
+        pinned = self._pins.get(host)
+        return list(pinned) if pinned is not None else None
+
+    def __call__(self, host: str, port: int) -> list[IPAddress]:
+        pinned = self.local(host, port)
+        return pinned if pinned is not None else self._fallback(host, port)
 
 
 def own_networks(pool: IPv4Network, host_addrs: Iterable[IPv4Address]) -> frozenset:
