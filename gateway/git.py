@@ -119,24 +119,14 @@ FORWARDED_HEADERS = frozenset(
 # (its capabilities are filtered) and receive-pack bodies are parsed.
 UPLOAD_PACK_HEADERS = frozenset({"accept-encoding", "content-encoding"})
 # Upstream response headers never relayed to a sandbox (lower case).
-DROPPED_RESPONSE_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "proxy-authenticate",
-        "www-authenticate",
-        "set-cookie",
-        "set-cookie2",
-        "alt-svc",
-        "strict-transport-security",
-    }
-)
+DROPPED_RESPONSE_HEADERS = http.HOP_BY_HOP | {
+    "content-length",
+    "www-authenticate",
+    "set-cookie",
+    "set-cookie2",
+    "alt-svc",
+    "strict-transport-security",
+}
 # Advertised capabilities passed to a pushing client: those it may send back, and
 # no-thin, an instruction it follows without echoing it.
 ADVERTISED_PUSH_CAPABILITIES = PUSH_CAPABILITIES | PUSH_VALUE_CAPABILITIES | {"no-thin"}

@@ -156,7 +156,9 @@ class ProxyRequest:
         return self.kind is RequestKind.CONNECT
 
 
-class _Sentinel:
+class Sentinel:
+    """A named marker returned by the sans-IO readers (http, pktline) instead of data."""
+
     def __init__(self, name: str) -> None:
         self.name = name
 
@@ -164,12 +166,12 @@ class _Sentinel:
         return self.name
 
 
-NEED_DATA = _Sentinel("NEED_DATA")
+NEED_DATA = Sentinel("NEED_DATA")
 """next_event(): feed more bytes (or b"" at end of input)."""
-END_OF_BODY = _Sentinel("END_OF_BODY")
+END_OF_BODY = Sentinel("END_OF_BODY")
 """next_event(): the body is complete (returned at once for CONNECT and bodiless requests)."""
 
-Event = ProxyRequest | bytes | _Sentinel
+Event = ProxyRequest | bytes | Sentinel
 
 
 class RequestReader:
@@ -219,7 +221,7 @@ class RequestReader:
 
     # --- head ------------------------------------------------------------------------
 
-    def _read_head(self) -> ProxyRequest | _Sentinel:
+    def _read_head(self) -> ProxyRequest | Sentinel:
         buf = self._buf
         end = buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
         head_len = end + 4 if end >= 0 else len(buf)
@@ -338,7 +340,7 @@ class RequestReader:
 
     # --- body ------------------------------------------------------------------------
 
-    def _read_body(self) -> bytes | _Sentinel:
+    def _read_body(self) -> bytes | Sentinel:
         req = self._request
         assert req is not None
         if self._limit is not None and (req.content_length or 0) > self._limit:

@@ -55,6 +55,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gateway.http import NEED_DATA, Sentinel  # the same markers as the HTTP reader
+
 MAX_PKT_LEN = 65520
 """The longest pkt-line, its 4 length digits included."""
 MAX_PKT_PAYLOAD = MAX_PKT_LEN - 4
@@ -193,18 +195,6 @@ class PushRequest:
         return any(not u.is_delete for u in self.updates)
 
 
-class _Sentinel:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-NEED_DATA = _Sentinel("NEED_DATA")
-"""next_event(): feed more bytes (or b"" at the end of the body)."""
-
-
 class _State(enum.Enum):
     COMMANDS = "commands"
     OPTIONS = "push options"
@@ -247,7 +237,7 @@ class PushRequestParser:
         else:
             self._buf += data
 
-    def next_event(self) -> PushRequest | _Sentinel:
+    def next_event(self) -> PushRequest | Sentinel:
         if self._error is not None:
             raise self._error
         try:
@@ -256,7 +246,7 @@ class PushRequestParser:
             self._error = e
             raise
 
-    def _next_event(self) -> PushRequest | _Sentinel:
+    def _next_event(self) -> PushRequest | Sentinel:
         while self._result is None:
             if self._state is _State.AFTER:
                 if not self._after():
