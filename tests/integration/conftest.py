@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import socket
 import subprocess
 import threading
@@ -15,13 +14,11 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 import pytest
-from pyroute2 import IPRoute
-from pyroute2 import netns as pr_netns
 
 from netns import syscalls
 from runner.config import RunnerConfig
 from runner.sandbox import Sandbox, create_sandbox, destroy_sandbox
-from tests.nsutil import run_in_netns
+from tests.nsutil import run_in_netns, upstream_netns
 
 SANDBOX_PYTHON = "/usr/bin/python3"
 
@@ -120,34 +117,7 @@ class Upstream:
 
 @pytest.fixture
 def upstream() -> Iterator[Upstream]:
-    """A stand-in for "the internet": a netns at 10.214.N.2, routed from the host.
-
-    The host end is named tsg<hex> (not sg*: it is not a sandbox). The upstream gets a
-    route back to the sandbox pool only, never a default route.
-    """
-    tag = secrets.token_hex(3)
-    n = int(tag[:2], 16)
-    name, ifname = f"sgtest-up{tag}", f"tsg{tag}"
-    host_addr, addr = IPv4Address(f"10.214.{n}.1"), IPv4Address(f"10.214.{n}.2")
-    pr_netns.create(name)
-    try:
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
-            idx = ipr.link_lookup(ifname=ifname)[0]
-            ipr.addr("add", index=idx, address=str(host_addr), prefixlen=30)
-            ipr.link("set", index=idx, state="up")
-
-        def inside() -> None:
-            with IPRoute() as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-                eth = ipr.link_lookup(ifname="eth0")[0]
-                ipr.addr("add", index=eth, address=str(addr), prefixlen=30)
-                ipr.link("set", index=eth, state="up")
-                ipr.route("add", dst="10.213.0.0/16", gateway=str(host_addr))
-
-        run_in_netns(name, inside)
-        yield Upstream(name, ifname, host_addr, addr)
-    finally:
-        with IPRoute() as ipr, contextlib.suppress(Exception):
-            ipr.link("del", ifname=ifname)
-        pr_netns.remove(name)
+    """A stand-in for "the internet": a netns at 10.214.N.2, routed from the host (see
+    tests/nsutil.upstream_netns), removed when the test ends."""
+    with upstream_netns() as (name, host_addr, addr):
+        yield Upstream(name, f"tsg{name.removeprefix('sgtest-up')}", host_addr, addr)

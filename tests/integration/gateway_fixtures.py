@@ -15,7 +15,6 @@ import contextlib
 import datetime
 import hashlib
 import io
-import secrets
 import socket
 import ssl
 import threading
@@ -29,10 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from pyroute2 import IPRoute
-from pyroute2 import netns as pr_netns
 
-from netns.namespace import addresses_in_use
+from tests import nsutil
 from tests.nsutil import run_in_netns
 
 HTTP_PORT, HTTPS_PORT, ECHO_PORT, SINK_PORT = 80, 443, 7000, 7001
@@ -381,43 +378,9 @@ class Upstream:
         return {name: getattr(self, name).counts() for name in ("http", "https", "echo", "sink")}
 
 
-@contextlib.contextmanager
-def upstream_netns() -> Iterator[tuple[str, IPv4Address, IPv4Address]]:
-    """Like conftest's `upstream` fixture (a netns at 10.214.N.2 behind a veth tsg<hex>
-    with a route back to the sandbox pool only), usable at module scope, and picking
-    an N that no interface on the host uses already."""
-    used = addresses_in_use()
-    for _ in range(64):
-        tag = secrets.token_hex(3)
-        n = int(tag[:2], 16)
-        host_addr, addr = IPv4Address(f"10.214.{n}.1"), IPv4Address(f"10.214.{n}.2")
-        if host_addr not in used and addr not in used:
-            break
-    else:
-        raise RuntimeError("no free 10.214.N.0/30 for the upstream namespace")
-    name, ifname = f"sgtest-gw{tag}", f"tsg{tag}"
-    pr_netns.create(name)
-    try:
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
-            idx = ipr.link_lookup(ifname=ifname)[0]
-            ipr.addr("add", index=idx, address=str(host_addr), prefixlen=30)
-            ipr.link("set", index=idx, state="up")
-
-        def inside() -> None:
-            with IPRoute() as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-                eth = ipr.link_lookup(ifname="eth0")[0]
-                ipr.addr("add", index=eth, address=str(addr), prefixlen=30)
-                ipr.link("set", index=eth, state="up")
-                ipr.route("add", dst="10.213.0.0/16", gateway=str(host_addr))
-
-        run_in_netns(name, inside)
-        yield name, host_addr, addr
-    finally:
-        with IPRoute() as ipr, contextlib.suppress(Exception):
-            ipr.link("del", ifname=ifname)
-        pr_netns.remove(name)
+def upstream_netns() -> contextlib.AbstractContextManager:
+    """The gateway tests' upstream namespace (tests/nsutil.py builds it)."""
+    return nsutil.upstream_netns("sgtest-gw")
 
 
 @contextlib.contextmanager

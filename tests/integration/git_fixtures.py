@@ -53,10 +53,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from pyroute2 import IPRoute
-from pyroute2 import netns as pr_netns
 
-from netns.namespace import addresses_in_use
+from tests import nsutil
 from tests.nsutil import run_in_netns
 
 HTTP_BACKEND = "/usr/lib/git-core/git-http-backend"
@@ -666,44 +664,9 @@ class _GitHTTPSServer(ThreadingHTTPServer):
 # --- the upstream namespace -----------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def upstream_netns(prefix: str = "sgtest-git") -> Iterator[tuple[str, IPv4Address, IPv4Address]]:
-    """A netns at 10.214.N.2 behind a veth tsg<hex> (host end 10.214.N.1/30), with a
-    route back to the sandbox pool only (like conftest's `upstream`, but usable at
-    module scope), picking an N no interface on the host uses."""
-    used = addresses_in_use()
-    for _ in range(64):
-        tag = secrets.token_hex(3)
-        n = int(tag[:2], 16)
-        host_addr, addr = IPv4Address(f"10.214.{n}.1"), IPv4Address(f"10.214.{n}.2")
-        if host_addr not in used and addr not in used:
-            break
-    else:
-        raise RuntimeError("no free 10.214.N.0/30 for the upstream namespace")
-    name, ifname = f"{prefix}{tag}", f"tsg{tag}"
-    pr_netns.create(name)
-    try:
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
-            idx = ipr.link_lookup(ifname=ifname)[0]
-            ipr.addr("add", index=idx, address=str(host_addr), prefixlen=30)
-            ipr.link("set", index=idx, state="up")
-
-        def inside() -> None:
-            with IPRoute() as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-                eth = ipr.link_lookup(ifname="eth0")[0]
-                ipr.addr("add", index=eth, address=str(addr), prefixlen=30)
-                ipr.link("set", index=eth, state="up")
-                ipr.route("add", dst="10.213.0.0/16", gateway=str(host_addr))
-
-        run_in_netns(name, inside)
-        yield name, host_addr, addr
-    finally:
-        with IPRoute() as ipr, contextlib.suppress(Exception):
-            ipr.link("del", ifname=ifname)
-        with contextlib.suppress(Exception):
-            pr_netns.remove(name)
+def upstream_netns(prefix: str = "sgtest-git") -> contextlib.AbstractContextManager:
+    """The git upstream's namespace (tests/nsutil.py builds it)."""
+    return nsutil.upstream_netns(prefix)
 
 
 @dataclass
