@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
 import hashlib
 import io
 import socket
@@ -22,105 +21,14 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests import nsutil
 from tests.nsutil import run_in_netns
+from tests.testca import TestCA
 
 HTTP_PORT, HTTPS_PORT, ECHO_PORT, SINK_PORT = 80, 443, 7000, 7001
 
 # --- a test CA -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TestCA:
-    ca_cert: Path  # PEM, safe to hand to a sandbox
-    server_cert: Path  # PEM chain: server certificate, then the CA
-    server_key: Path  # PEM, stays on the host
-
-    __test__ = False  # not a pytest test class
-
-
-def make_test_ca(cert_dir: Path, key_dir: Path, names: list[str]) -> TestCA:
-    """A throwaway CA (P-256) and a server certificate for `names` (SANs), valid for a
-    day either side of now. Certificates go to `cert_dir`, the server key to `key_dir`."""
-    now = datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 (cryptography 38)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sandgate test CA")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    ca_path, cert_path, key_path = cert_dir / "ca.pem", key_dir / "server.pem", key_dir / "key.pem"
-    ca_path.write_bytes(ca.public_bytes(pem))
-    ca_path.chmod(0o644)
-    cert_path.write_bytes(server.public_bytes(pem) + ca.public_bytes(pem))
-    key_path.write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    key_path.chmod(0o600)
-    return TestCA(ca_path, cert_path, key_path)
 
 
 # --- a tiny PEP 503 index with one wheel -----------------------------------------------

@@ -38,11 +38,10 @@ from tests.integration.gateway_fixtures import (
     WHEEL_NAME,
     Counts,
     SeenRequest,
-    TestCA,
     Upstream,
-    make_test_ca,
     upstream_servers,
 )
+from tests.testca import TestCA, make_test_ca
 
 pytestmark = pytest.mark.root
 

@@ -36,8 +36,8 @@ from gateway.pktline import encode_pkt
 from gateway.policy import parse_policy
 from gateway.proxy import Gateway, GatewayConfig
 from runner.gateway_thread import proxy_env
-from tests.integration.gateway_fixtures import make_test_ca
 from tests.nsutil import run_in_netns
+from tests.testca import make_test_ca
 
 SANDGATE = os.path.join(os.path.dirname(sys.executable), "sandgate")
 GIT = shutil.which("git") or "/usr/bin/git"

@@ -26,6 +26,7 @@ from gateway.addr import IPAddress
 from gateway.policy import Policy, parse_policy
 from gateway.proxy import Gateway, GatewayConfig
 from tests.nsutil import run_in_netns
+from tests.unit.test_audit import FIELDS
 
 LOOPS = [
     pytest.param(uvloop.new_event_loop, id="uvloop"),
@@ -34,27 +35,7 @@ LOOPS = [
 SECRET = "Zm9vOmJhcg-s3cr3t-proxy-credential"
 HTTP_PORT, ECHO_PORT, CLOSED_PORT, FULL_PORT = 80, 7000, 7001, 7002
 OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-AUDIT_FIELDS = {
-    "request_id",
-    "time",
-    "sandbox",
-    "endpoint",
-    "method",
-    "host",
-    "port",
-    "addr",
-    "path",
-    "decision",
-    "rule",
-    "reason",
-    "status",
-    "bytes_up",
-    "bytes_down",
-    "duration_ms",
-    "repo",
-    "service",
-    "refs",
-}
+AUDIT_FIELDS = FIELDS  # the one literal list of audit fields: tests/unit/test_audit.py
 
 
 def make_policy(**egress: object) -> Policy:
