@@ -29,8 +29,18 @@ SOCKET_IN_SANDBOX = "/run/sandgate/gateway.sock"
 
 
 def socket_path(run_dir: Path, sandbox_id: str) -> Path:
-    """The host side of a sandbox's Unix endpoint (root-only directory)."""
-    return run_dir / "gateways" / f"{sandbox_id}.sock"
+    """The host side of a sandbox's Unix endpoint: in the directory that is bound at
+    /run/sandgate inside it (runner.workload.gateway_dir), under a root-only parent."""
+    return run_dir / "gateways" / sandbox_id / Path(SOCKET_IN_SANDBOX).name
+
+
+def remove_socket_dir(run_dir: Path, sandbox_id: str) -> None:
+    """The sandbox's gateway directory and socket, once the sandbox is gone."""
+    path = socket_path(run_dir, sandbox_id)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        os.rmdir(path.parent)
 
 
 def proxy_env(gateway: IPv4Address, port: int, git_hosts: Iterable[str] = ()) -> dict[str, str]:
@@ -88,13 +98,15 @@ class GatewayThread:
     def add_sandbox(
         self, sandbox_id: str, policy: Policy, tcp: tuple[str, int], unix_path: Path
     ) -> None:
-        unix_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        unix_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         self._call(self.gateway.add_sandbox(sandbox_id, policy, tcp=tcp, unix_path=str(unix_path)))
 
     def remove_sandbox(self, sandbox_id: str, unix_path: Path) -> None:
         self._call(self.gateway.remove_sandbox(sandbox_id))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(unix_path)
+        with contextlib.suppress(OSError):
+            os.rmdir(unix_path.parent)
 
     def close(self) -> None:
         try:

@@ -290,7 +290,7 @@ def _no_resolver(root: str) -> None:
     resolv = os.path.join(root, "etc", "resolv.conf")
     if not os.path.lexists(resolv):
         return
-    staged = os.path.join(root, "run", "sandgate", "resolv.conf")
+    staged = os.path.join(root, "run", "resolv.conf")
     _mkdirs(os.path.dirname(staged))
     with open(staged, "wb") as f:
         f.write(RESOLV_CONF)

@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 
 from . import seccomp, syscalls
 from .cgroups import Cgroup
-from .init import EXIT_SETUP, FORWARDED_SIGNALS, CommandSpec, run_init
+from .init import (
+    EXIT_SETUP,
+    FORWARDED_SIGNALS,
+    CommandSpec,
+    bind_exec_socket,
+    run_init,
+    run_resident_init,
+)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -135,9 +142,16 @@ def _read_line(fd: int, deadline: float | None = None) -> bytes:
 def _become_init(spec: CommandSpec, netns_path: str, go_r: int, status_w: int) -> None:
     """The forked child: pid 1 of the sandbox's new pid namespace. Never returns."""
     try:
+        if spec.exec_socket is None:
+            # Embedded: the sandbox lives as long as the runner that waits for it.
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+        else:
+            # Resident (the daemon's): outlives the daemon; answers exec requests on a
+            # socket made here, in the host's mount namespace, before leaving it.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the fork server ignores it
+            exec_listener = bind_exec_socket(spec.exec_socket)
         if os.read(go_r, 1) != b"s":
             os._exit(EXIT_SETUP)  # the runner went away before starting the gateway
-        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
         syscalls.setns(ns_fd, syscalls.CLONE_NEWNET)
         os.close(ns_fd)
@@ -147,7 +161,10 @@ def _become_init(spec: CommandSpec, netns_path: str, go_r: int, status_w: int) -
         with contextlib.suppress(BaseException):
             os.write(status_w, (json.dumps(report) + "\n").encode())
         os._exit(EXIT_SETUP)
-    run_init(spec, status_w, go_r)
+    if spec.exec_socket is None:
+        run_init(spec, status_w, go_r)
+    else:
+        run_resident_init(spec, status_w, go_r, exec_listener)
 
 
 def _fork_into_new_pid_namespace() -> int:
@@ -237,6 +254,70 @@ def _prepared_filter() -> bytes:
     return seccomp.build_filter()
 
 
+@dataclass
+class StartedInit:
+    """init, forked and waiting for its go-aheads (see `release`)."""
+
+    pid: int
+    go_fd: int  # write end: b"s" then b"g"
+    status_fd: int  # read end: init's report
+
+
+def start_init(
+    spec: CommandSpec, netns_path: str, tty: int | None = None, close_in_child: tuple[int, ...] = ()
+) -> StartedInit:
+    """Fork init into a new pid namespace. Runs in the process that forks: the
+    embedded runner, or the daemon's fork server (runner/forkserver.py), which names
+    its own socket in `close_in_child`."""
+    spec = dataclasses.replace(spec, seccomp_filter=spec.seccomp_filter or _prepared_filter())
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = _fork_into_new_pid_namespace()
+    except OSError as exc:
+        for fd in (go_r, go_w, status_r, status_w):
+            os.close(fd)
+        raise LaunchError(f"cannot start the sandbox's init: {exc}") from exc
+    if pid == 0:
+        os.close(go_w)
+        os.close(status_r)
+        for fd in close_in_child:
+            os.close(fd)
+        os.setpgid(0, 0)
+        _take_terminal(tty, os.getpgrp())
+        _become_init(spec, netns_path, go_r, status_w)
+    os.close(go_r)
+    os.close(status_w)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.setpgid(pid, pid)  # also done by the child; whichever runs first wins
+    return StartedInit(pid=pid, go_fd=go_w, status_fd=status_r)
+
+
+def release(
+    init: StartedInit,
+    cgroup: Cgroup | None,
+    before_start: Callable[[], None] | None = None,
+) -> None:
+    """Let init go on: b"s" once `before_start` (the gateway) is done, b"g" once init is
+    in the cgroup. Closes the go pipe. If anything fails, init is killed (not reaped:
+    that is its parent's business) and the error propagates."""
+    try:
+        # Moving a task between v1 cgroups costs milliseconds (an RCU grace period
+        # per hierarchy), so init builds the filesystem view meanwhile, on the other core.
+        if before_start is not None:
+            before_start()
+        os.write(init.go_fd, b"s")
+        if cgroup is not None:
+            cgroup.add_process(init.pid)
+        os.write(init.go_fd, b"g")
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(init.pid, signal.SIGKILL)
+        raise
+    finally:
+        os.close(init.go_fd)
+
+
 def launch(
     spec: CommandSpec,
     netns_path: str,
@@ -249,48 +330,19 @@ def launch(
     the place to start threads (the gateway's loop), so that the only fork of this
     runner happens while it is still single-threaded.
     """
-    spec = dataclasses.replace(spec, seccomp_filter=_prepared_filter())
     started = time.monotonic()
     tty = _controlling_tty()
-    go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    init = start_init(spec, netns_path, tty)
     try:
-        pid = _fork_into_new_pid_namespace()
-    except OSError as exc:
-        for fd in (go_r, go_w, status_r, status_w):
-            os.close(fd)
-        raise LaunchError(f"cannot start the sandbox's init: {exc}") from exc
-    if pid == 0:
-        os.close(go_w)
-        os.close(status_r)
-        os.setpgid(0, 0)
-        _take_terminal(tty, os.getpgrp())
-        _become_init(spec, netns_path, go_r, status_w)
-    os.close(go_r)
-    os.close(status_w)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.setpgid(pid, pid)  # also done by the child; whichever runs first wins
-    try:
-        # Two go-aheads: "s" once the gateway (and so its socket) exists, which init
-        # binds into the view; "g" once init is in the cgroup. Moving a task between
-        # v1 cgroups costs milliseconds (an RCU grace period per hierarchy), so init
-        # builds the filesystem view meanwhile, on the other core.
-        if before_start is not None:
-            before_start()
-        os.write(go_w, b"s")
-        if cgroup is not None:
-            cgroup.add_process(pid)
-        os.write(go_w, b"g")
+        release(init, cgroup, before_start)
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        _reap(pid)
-        os.close(status_r)
+        _reap(init.pid)
+        os.close(init.status_fd)
         _take_terminal(tty, os.getpgrp())
         raise
-    finally:
-        os.close(go_w)
-    return Running(init_pid=pid, status_fd=status_r, tty=tty, cgroup=cgroup, started=started)
+    return Running(
+        init_pid=init.pid, status_fd=init.status_fd, tty=tty, cgroup=cgroup, started=started
+    )
 
 
 @contextlib.contextmanager

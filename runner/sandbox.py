@@ -9,6 +9,8 @@ the kernel's own listing even when its record is lost.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +25,15 @@ from nft.ruleset import SandboxElements
 from . import cgroups
 from .cgroups import Cgroup, CgroupError, Limits, default_limits
 from .config import RunnerConfig
-from .state import SandboxRecord, delete_record, host_lock, load_record, save_record
+from .state import (
+    SandboxRecord,
+    delete_record,
+    host_lock,
+    load_record,
+    load_record_ids,
+    process_start_time,
+    save_record,
+)
 
 # Named phases of create, in order; a test-only hook can stop the runner at any one.
 CREATE_PHASES = ("allocate", "network", "host-firewall", "sandbox-firewall", "cgroup", "record")
@@ -41,6 +51,10 @@ class SandboxSpec:
     policy_name: str = "default"
     command: tuple[str, ...] = ()
     limits: Limits | None = None  # None: cgroups.default_limits()
+    owner: str = "run"  # or "daemon": see SandboxRecord
+    creator_uid: int = 0
+    expires_at: float | None = None
+    request: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -110,8 +124,31 @@ def create_sandbox(
             with host_lock(config.lock_path):
                 enter("allocate")
                 with timer.phase("allocate"):
-                    sandbox_id = addressing.new_sandbox_id(namespace.sandbox_ids_present())
+                    sandbox_id = addressing.new_sandbox_id(
+                        namespace.sandbox_ids_present() | set(load_record_ids(config.sandboxes_dir))
+                    )
                     address = addressing.allocate(config.pool, namespace.addresses_in_use())
+                    # Before any kernel object: whose they will be (see SandboxRecord.state).
+                    record = SandboxRecord(
+                        id=sandbox_id,
+                        netns=addressing.netns_name(sandbox_id),
+                        host_ifname=addressing.host_ifname(sandbox_id),
+                        gateway_addr=str(address.host),
+                        sandbox_addr=str(address.sandbox),
+                        gateway_port=config.gateway_port,
+                        created_at=time.time(),
+                        policy=spec.policy_name,
+                        command=spec.command,
+                        state="creating",
+                        owner=spec.owner,
+                        owner_pid=os.getpid(),
+                        owner_start=process_start_time(os.getpid()),
+                        creator_uid=spec.creator_uid,
+                        expires_at=spec.expires_at,
+                        request=spec.request,
+                    )
+                    undo.callback(delete_record, config.sandboxes_dir, sandbox_id)
+                    save_record(config.sandboxes_dir, record)
 
                 enter("network")
                 with timer.phase("network"):
@@ -146,19 +183,9 @@ def create_sandbox(
 
             enter("record")
             with timer.phase("record"):
-                record = SandboxRecord(
-                    id=sandbox_id,
-                    netns=net.netns,
-                    host_ifname=net.host_ifname,
-                    gateway_addr=str(net.address.host),
-                    sandbox_addr=str(net.address.sandbox),
-                    gateway_port=config.gateway_port,
-                    created_at=time.time(),
-                    policy=spec.policy_name,
-                    command=spec.command,
-                    cgroup=dict(cgroup.dirs),
+                record = dataclasses.replace(
+                    record, netns=net.netns, cgroup=dict(cgroup.dirs), state="ready"
                 )
-                undo.callback(delete_record, config.sandboxes_dir, sandbox_id)
                 save_record(config.sandboxes_dir, record)
         except BaseException as exc:
             # The ExitStack unwinds every registered undo, newest first.

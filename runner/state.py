@@ -34,6 +34,22 @@ class SandboxRecord:
     pid: int | None = None
     # The sandbox's cgroup directories: {"unified": path} (v2) or controller -> dir (v1).
     cgroup: dict[str, str] = field(default_factory=dict)
+    # "creating" from the moment its id is taken (before any kernel object exists),
+    # "ready" once every object is in place: a crash in between leaves a record that
+    # says whose the objects are, so reconciling never guesses.
+    state: str = "ready"
+    # Who keeps it alive: "run" (a `sandgate run` process, owner_pid) or "daemon"
+    # (`sandgate serve`; once ready, its resident init, init_pid, keeps it).
+    owner: str = "run"
+    owner_pid: int | None = None
+    owner_start: int | None = None  # /proc/PID/stat starttime: tells pid reuse apart
+    init_pid: int | None = None
+    init_start: int | None = None
+    creator_uid: int = 0
+    expires_at: float | None = None  # wall clock (time.time()) of its --timeout
+    # The daemon's create request (checked), with the policy text it used: enough to
+    # rebuild the sandbox's gateway endpoint after a restart.
+    request: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -45,6 +61,25 @@ class SandboxRecord:
         d = dict(d)
         d["command"] = tuple(d.get("command", ()))
         return cls(**d)
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of a process (clock ticks since boot), or None if there
+    is no such process. A pid plus its start time names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def process_alive(pid: int | None, start: int | None) -> bool:
+    if pid is None or start is None:
+        return False
+    return process_start_time(pid) == start
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -89,6 +124,15 @@ def load_records(directory: Path) -> dict[str, SandboxRecord]:
         if record is not None:
             records[record.id] = record
     return records
+
+
+def load_record_ids(directory: Path) -> list[str]:
+    """The ids that have a record, without reading them."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return [n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")]
 
 
 def delete_record(directory: Path, sandbox_id: str) -> None:
