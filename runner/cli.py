@@ -28,6 +28,7 @@ EXIT_USAGE = 2
 EXIT_SANDGATE = 125
 
 VERSION = "0.1.0"
+DEFAULT_DAEMON_CONFIG = "/etc/sandgate/sandgate.toml"
 
 
 class UsageError(Exception):
@@ -102,47 +103,25 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _pin(text: str) -> tuple[str, list]:
-    from ipaddress import ip_address
+def _pin(text: str):
+    from .workload import OptionsError, parse_pin
 
-    from gateway.policy import normalize_host
-
-    host, sep, addrs = text.partition("=")
     try:
-        if not sep or not addrs:
-            raise ValueError("expected HOST=ADDR[,ADDR]")
-        return normalize_host(host), [ip_address(a.strip()) for a in addrs.split(",")]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"bad --resolve {text!r}: {exc}") from exc
+        parse_pin(text)
+        return text
+    except OptionsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _repo(text: str):
-    """A [[git.repos]] entry from `--repo URL[=read|write]`: read by default; write
-    may push branches (refs/heads/*) only: no tags, no deletes, at most 10 refs a push."""
-    from gateway.policy import PolicyError, parse_policy
+    """`--repo URL[=read|write]`: see runner.workload.parse_repo."""
+    from .workload import OptionsError, parse_repo
 
-    url, sep, access = text.rpartition("=")
-    if not sep:
-        url, access = text, "read"
-    if access not in ("read", "write"):
-        raise argparse.ArgumentTypeError(
-            f"bad --repo {text!r}: expected URL, URL=read or URL=write"
-        )
-    lines = ["[[git.repos]]", f"url = {json.dumps(url)}", f'access = "{access}"']
-    if access == "write":
-        lines += [
-            "[git.repos.push]",
-            'refs = ["refs/heads/*"]',
-            "allow_delete = false",
-            "allow_tags = false",
-            "max_refs = 10",
-        ]
     try:
-        (repo,) = parse_policy("\n".join(lines), "--repo").repos
-    except PolicyError as exc:
-        reason = str(exc).split(": ", 2)[-1]
-        raise argparse.ArgumentTypeError(f"bad --repo {text!r}: {reason}") from exc
-    return repo
+        parse_repo(text)
+        return text
+    except OptionsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _readable_file(text: str) -> str:
@@ -175,34 +154,18 @@ def _require_root() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .identity import IdentityError, resolve_identity
-    from .mounts import FilesystemSpec, MountError, plan_mounts
     from .sandbox import SandboxError, SandboxSpec, create_sandbox, destroy_sandbox
 
-    argv = list(args.command)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        raise UsageError("run: no command given (usage: sandgate run [OPTIONS] -- CMD [ARG...])")
-    policy = _with_cli_rules(_load_policy(args.policy), args)
-    policy = _with_cli_repos(policy, args.repo)
+    argv = _command(args, "run")
+    if not args.embedded:
+        from .client import ControlClient
+
+        client = ControlClient(args.control_socket)
+        if args.daemon or client.available():
+            return _run_via_daemon(client, args, argv)
+    policy = _policy_for(args)
     _check_upstream_ca(args.upstream_ca)
-    limits = _limits(args, policy)
-    timeout = args.timeout if args.timeout is not None else policy.limits.timeout
-    try:
-        identity = resolve_identity(args.user)
-        # The home and workspace tmpfs belong to the command's ids as the host sees them.
-        owner = identity.userns or (identity.uid, identity.gid)
-        fs = FilesystemSpec(
-            workspace=args.workspace,
-            ro=(*policy.mounts.ro, *args.ro),
-            rw=(*policy.mounts.rw, *args.rw),
-            uid=owner[0],
-            gid=owner[1],
-        )
-        plan = plan_mounts(fs)
-    except (IdentityError, MountError) as exc:
-        raise UsageError(str(exc)) from exc
+    options = _options(args, policy)
     try:
         _require_root()
     except PermissionError as exc:
@@ -223,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         with _terminate_as_exception():
             sandbox = create_sandbox(
                 config,
-                SandboxSpec(policy_name=policy.name, command=tuple(argv), limits=limits),
+                SandboxSpec(policy_name=policy.name, command=tuple(argv), limits=options.limits),
             )
     except (SandboxError, Terminated) as exc:
         _err(str(exc))
@@ -233,19 +196,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         "policy": policy.name,
         "gateway": f"{sandbox.gateway[0]}:{sandbox.gateway[1]}",
         "sandbox_addr": str(sandbox.network.address.sandbox),
-        "user": {"uid": identity.uid, "gid": identity.gid, "from": identity.source},
-        "limits": {
-            "memory": limits.memory_bytes,
-            "pids": limits.pids,
-            "cpus": limits.cpus,
-            "timeout": timeout,
-        },
+        **_options_summary(options),
         "create_ms": sandbox.timings,
     }
     try:
-        result.update(
-            _run_command(sandbox, argv, args, identity, fs, plan, timeout, policy, config)
-        )
+        result.update(_run_command(sandbox, argv, args, options, config))
     finally:
         if args.keep:
             result["kept"] = True
@@ -267,56 +222,92 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result["exit_code"]
 
 
-def _run_command(sandbox, argv, args, identity, fs, plan, timeout, policy, config) -> dict:
+def _command(args: argparse.Namespace, name: str) -> list[str]:
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UsageError(
+            f"{name}: no command given (usage: sandgate {name} [OPTIONS] -- CMD [ARG...])"
+        )
+    return argv
+
+
+def _policy_for(args: argparse.Namespace):
+    """The policy file (or the built-in default) plus this sandbox's additions."""
+    from .workload import OptionsError, parse_repo, with_additions
+
+    try:
+        repos = [parse_repo(r) for r in args.repo]
+        return with_additions(_load_policy(args.policy), args.allow, args.allow_cidr, repos)
+    except OptionsError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _options(args: argparse.Namespace, policy):
+    from .workload import OptionsError, build_options, parse_pin
+
+    try:
+        return build_options(
+            policy,
+            user=args.user,
+            workspace=args.workspace,
+            ro=args.ro,
+            rw=args.rw,
+            env=args.env,
+            workdir=args.workdir,
+            memory=args.memory,
+            pids=args.pids,
+            cpus=args.cpus,
+            timeout=args.timeout,
+            resolve=[parse_pin(p) for p in args.resolve],
+        )
+    except OptionsError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _options_summary(options) -> dict:
+    identity = options.identity
+    return {
+        "user": {"uid": identity.uid, "gid": identity.gid, "from": identity.source},
+        "limits": {
+            "memory": options.limits.memory_bytes,
+            "pids": options.limits.pids,
+            "cpus": options.limits.cpus,
+            "timeout": options.timeout,
+        },
+    }
+
+
+def _run_command(sandbox, argv, args, options, config) -> dict:
     """Start the gateway and the command in the sandbox, wait for the command; the
     result fields for --json."""
     from gateway.addr import system_resolver
     from gateway.proxy import GatewayConfig
     from netns.namespace import addresses_in_use
 
-    from .gateway_thread import (
-        SOCKET_IN_SANDBOX,
-        GatewayThread,
-        own_networks,
-        pinned_resolver,
-        proxy_env,
-        socket_path,
-    )
-    from .init import CommandSpec
-    from .mounts import with_bind
-    from .process import LaunchError, launch, sandbox_env
+    from .gateway_thread import GatewayThread, own_networks, pinned_resolver, socket_path
+    from .process import LaunchError, launch
+    from .workload import command_spec
 
-    gw_addr, gw_port = sandbox.gateway
     sock = socket_path(config.run_dir, sandbox.id)
-    spec = CommandSpec(
-        argv=tuple(argv),
-        env=sandbox_env(
-            {**proxy_env(gw_addr, gw_port, {r.host for r in policy.repos}), **dict(args.env)},
-            sandbox.id,
-            fs.home,
-            identity.name,
-        ),
-        cwd=args.workdir or fs.workspace_target,
-        uid=identity.uid,
-        gid=identity.gid,
-        hostname=sandbox.id,
-        mounts=with_bind(plan, str(sock), SOCKET_IN_SANDBOX),
-        userns=identity.userns,
-    )
+    spec = command_spec(options, sandbox.id, sandbox.gateway, config.run_dir, argv)
     gateway: list[GatewayThread] = []
 
     def start_gateway() -> None:
         gw = GatewayThread(
             GatewayConfig(
                 audit_path=str(config.audit_path),
-                resolver=pinned_resolver(dict(args.resolve), system_resolver),
+                resolver=pinned_resolver(options.resolve, system_resolver),
                 self_addrs=own_networks(config.pool, addresses_in_use()),
                 credentials_dir=args.credentials,
                 upstream_ca_file=args.upstream_ca,
             )
         )
         gateway.append(gw)
-        gw.add_sandbox(sandbox.id, policy, (str(gw_addr), gw_port), sock)
+        gw.add_sandbox(
+            sandbox.id, options.policy, (str(sandbox.gateway[0]), sandbox.gateway[1]), sock
+        )
 
     t0 = time.monotonic()
     try:
@@ -326,7 +317,7 @@ def _run_command(sandbox, argv, args, identity, fs, plan, timeout, policy, confi
         except (LaunchError, Terminated, OSError) as exc:
             _err(str(exc))
             return {"exit_code": EXIT_SANDGATE, "error": str(exc)}
-        outcome = running.wait(timeout)
+        outcome = running.wait(options.timeout)
     finally:
         for gw in gateway:
             with _signals_deferred():
@@ -335,21 +326,6 @@ def _run_command(sandbox, argv, args, identity, fs, plan, timeout, policy, confi
     if outcome.error and not args.json:
         _err(f"sandbox {sandbox.id}: {outcome.error}")
     return {**outcome.to_json(), "run_ms": round((time.monotonic() - t0) * 1000, 1)}
-
-
-def _limits(args: argparse.Namespace, policy):
-    """Command line over policy over the built-in defaults."""
-    from .cgroups import Limits, default_limits
-
-    base = default_limits()
-    try:
-        return Limits(
-            memory_bytes=args.memory or policy.limits.memory or base.memory_bytes,
-            pids=args.pids or policy.limits.pids or base.pids,
-            cpus=args.cpus or policy.limits.cpus or base.cpus,
-        )
-    except ValueError as exc:
-        raise UsageError(f"bad limits: {exc}") from exc
 
 
 class Terminated(Exception):
@@ -385,35 +361,6 @@ def _signals_deferred():
             signal.signal(sig, handler)
 
 
-def _with_cli_rules(policy, args: argparse.Namespace):
-    """--allow and --allow-cidr add to the policy for this run."""
-    from gateway.policy import parse_allow_arg, with_extra
-
-    if not args.allow and not args.allow_cidr:
-        return policy
-    try:
-        rules = [parse_allow_arg(a) for a in args.allow]
-        return with_extra(policy, allow=rules, allow_cidrs=args.allow_cidr)
-    except ValueError as exc:
-        raise UsageError(f"--allow/--allow-cidr: {exc}") from exc
-
-
-def _with_cli_repos(policy, repos):
-    """--repo entries join the policy's [[git.repos]] for this run; one for a
-    repository the policy lists already replaces that entry."""
-    from dataclasses import replace
-
-    if not repos:
-        return policy
-    seen: set[str] = set()
-    for repo in repos:
-        if repo.url.lower() in seen:
-            raise UsageError(f"--repo {repo.url} is given twice")
-        seen.add(repo.url.lower())
-    kept = [r for r in policy.repos if r.url.lower() not in seen]
-    return replace(policy, repos=(*kept, *repos))
-
-
 def _check_upstream_ca(path: str | None) -> None:
     if path is None:
         return
@@ -438,6 +385,238 @@ def _load_policy(path: str | None):
         raise UsageError(f"policy {path}: cannot read: {exc.strerror or exc}") from exc
 
 
+# --- through the daemon ------------------------------------------------------------------
+
+
+def _sandbox_request(args: argparse.Namespace) -> dict:
+    """The create fields of a control request from run/create's options. A policy
+    file is read here and sent as text: the daemon never opens a caller's paths."""
+    fields: dict = {}
+    if args.policy:
+        try:
+            with open(args.policy, encoding="utf-8") as f:
+                fields["policy_toml"] = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"policy {args.policy}: cannot read: {exc}") from exc
+        fields["policy_origin"] = os.path.abspath(args.policy)
+        _load_policy(args.policy)  # the same checks, the same errors, before sending
+    elif getattr(args, "policy_name", None):
+        fields["policy"] = args.policy_name
+    for key in ("allow", "allow_cidr"):
+        if getattr(args, key):
+            fields[key] = list(getattr(args, key))
+    if args.repo:
+        fields["repos"] = list(args.repo)
+    if args.resolve:
+        fields["resolve"] = list(args.resolve)
+    user = args.user
+    sudo_uid = os.environ.get("SUDO_UID", "")
+    if user is None and os.geteuid() == 0 and sudo_uid.isdigit() and sudo_uid != "0":
+        user = f"{sudo_uid}:{os.environ.get('SUDO_GID', sudo_uid)}"  # as embedded runs do
+    if user is not None:
+        fields["user"] = user
+    if args.workspace:
+        fields["workspace"] = os.path.abspath(args.workspace)
+    if args.ro:
+        fields["ro"] = [os.path.abspath(p) for p in args.ro]
+    if args.rw:
+        fields["rw"] = [os.path.abspath(p) for p in args.rw]
+    for key in ("memory", "pids", "cpus", "timeout"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    return fields
+
+
+def _command_request(args: argparse.Namespace, argv: list[str]) -> dict:
+    fields: dict = {"argv": argv}
+    if args.env:
+        fields["env"] = dict(args.env)
+    if args.workdir:
+        fields["workdir"] = args.workdir
+    return fields
+
+
+def _daemon_error(exc: Exception) -> str:
+    return f"{exc}"
+
+
+def _run_via_daemon(client, args: argparse.Namespace, argv: list[str]) -> int:
+    from .client import DaemonRefused, DaemonUnavailable
+
+    request = {
+        "op": "run",
+        **_sandbox_request(args),
+        **_command_request(args, argv),
+        **({"keep": True} if args.keep else {}),
+    }
+    started = time.monotonic()
+    result: dict = {"via": "daemon"}
+
+    def on_event(frame: dict) -> None:
+        if frame.get("event") == "created":
+            result["id"] = frame["sandbox"]["id"]
+            result["gateway"] = frame["sandbox"]["gateway"]
+            result["sandbox_addr"] = frame["sandbox"]["sandbox_addr"]
+        elif frame.get("event") == "removed":
+            result["destroy_ms"] = frame.get("destroy_ms")
+
+    try:
+        final = client.run_command(request, on_event)
+    except (DaemonRefused, DaemonUnavailable, OSError) as exc:
+        _err(str(exc))
+        return EXIT_SANDGATE
+    result.update({k: v for k, v in final.items() if k not in ("ok", "event")})
+    if args.keep and "id" in result:
+        result["kept"] = True
+        if not args.json:
+            _err(f"sandbox {result['id']} kept; remove it with: sandgate rm {result['id']}")
+    if final.get("error") and not args.json:
+        _err(f"sandbox {result.get('id', '?')}: {final['error']}")
+    result["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+    if args.json:
+        _print_json({"sandgate": "result", **result}, sys.stderr)
+    return int(final.get("exit_code", EXIT_SANDGATE))
+
+
+def _client(args: argparse.Namespace):
+    from .client import ControlClient
+
+    return ControlClient(args.control_socket)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from .client import DaemonRefused, DaemonUnavailable
+
+    try:
+        answer = _client(args).call({"op": "create", **_sandbox_request(args)})
+    except DaemonUnavailable as exc:
+        _err(
+            f"{exc}: create needs the daemon (start it: systemctl start sandgate, or "
+            "sandgate serve); `sandgate run` works without it"
+        )
+        return EXIT_FAILED
+    except DaemonRefused as exc:
+        _err(f"create: {exc}")
+        return EXIT_USAGE if exc.code == "bad_request" else EXIT_FAILED
+    box = answer["sandbox"]
+    if args.json:
+        _print_json(box)
+    else:
+        print(box["id"])
+    return EXIT_OK
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from .client import DaemonRefused, DaemonUnavailable
+
+    argv = _command(args, "exec")
+    try:
+        final = _client(args).run_command(
+            {"op": "exec", "id": args.id, **_command_request(args, argv)}
+        )
+    except DaemonUnavailable as exc:
+        _err(f"{exc}: exec needs the daemon")
+        return EXIT_SANDGATE
+    except DaemonRefused as exc:
+        _err(f"exec: {exc}")
+        return EXIT_SANDGATE
+    if final.get("error") and not args.json:
+        _err(f"sandbox {args.id}: {final['error']}")
+    if args.json:
+        summary = {k: v for k, v in final.items() if k not in ("ok", "event")}
+        _print_json({"sandgate": "result", "id": args.id, **summary}, sys.stderr)
+    return int(final.get("exit_code", EXIT_SANDGATE))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .client import DaemonRefused, DaemonUnavailable
+
+    try:
+        answer = _client(args).call({"op": "inspect", "id": args.id})
+    except DaemonUnavailable as exc:
+        _err(f"{exc}: inspect needs the daemon; `sandgate ls --json` shows the records")
+        return EXIT_FAILED
+    except DaemonRefused as exc:
+        _err(f"inspect: {exc}")
+        return EXIT_FAILED
+    _print_json(answer["sandbox"]) if args.json else print(
+        json.dumps(answer["sandbox"], indent=2, sort_keys=True)
+    )
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from .client import DaemonRefused, DaemonUnavailable
+
+    request = {"op": "logs", "id": args.id, "follow": args.follow}
+    if args.tail is not None:
+        request["tail"] = args.tail
+    try:
+        for frame in _client(args).stream(request):
+            line = frame.get("line")
+            if line is None:
+                continue
+            if args.json:
+                _print_json(line)
+            else:
+                print(_log_line(line), flush=True)
+    except DaemonUnavailable as exc:
+        _err(f"{exc}: logs needs the daemon; the audit log is {RunnerConfig().audit_path}")
+        return EXIT_FAILED
+    except DaemonRefused as exc:
+        _err(f"logs: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def _log_line(d: dict) -> str:
+    target = d.get("repo") or f"{d.get('host') or ''}:{d.get('port') or ''}"
+    why = d.get("rule") or d.get("reason") or ""
+    return (
+        f"{d.get('time', '')} {d.get('request_id', '')} {d.get('decision', ''):<5} "
+        f"{d.get('status') or '':<3} {d.get('method') or '':<7} {target} {d.get('path') or ''}"
+        f"  {why}"
+    ).rstrip()
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from .client import DaemonRefused, DaemonUnavailable
+
+    try:
+        answer = _client(args).call({"op": "reload", "apply_to_running": args.apply_to_running})
+    except (DaemonUnavailable, DaemonRefused) as exc:
+        _err(f"reload: {exc}")
+        return EXIT_FAILED
+    if args.json:
+        _print_json(answer)
+    else:
+        print(
+            f"reloaded {len(answer['policies'])} policies; applied to "
+            f"{len(answer['updated'])} running sandbox(es)"
+        )
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import serve
+    from .daemon_config import DaemonConfigError, load_daemon_config
+
+    try:
+        # An explicit --config must exist; the default path may be absent (defaults).
+        path = args.config or DEFAULT_DAEMON_CONFIG
+        dconfig = load_daemon_config(path, missing_ok=args.config is None)
+    except DaemonConfigError as exc:
+        _err(f"invalid configuration:\n{exc}")
+        return EXIT_USAGE
+    except OSError as exc:
+        _err(f"{args.config or DEFAULT_DAEMON_CONFIG}: cannot read: {exc.strerror or exc}")
+        return EXIT_USAGE
+    _require_root()
+    return serve(dconfig)
+
+
 # --- rm / ls -----------------------------------------------------------------------------------
 
 
@@ -446,6 +625,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
     from .sandbox import destroy_sandbox, list_sandboxes
 
+    via_daemon = _rm_via_daemon(args)
+    if via_daemon is not None:
+        return via_daemon
     _require_root()
     config = _config(args)
     ids = list(args.ids)
@@ -482,10 +664,82 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return status
 
 
+def _rm_via_daemon(args: argparse.Namespace) -> int | None:
+    """rm through the daemon when it answers and serves every named sandbox (so their
+    gateway endpoints close too); None: do it here."""
+    from .client import DaemonRefused, DaemonUnavailable
+
+    client = _client(args)
+    if not (args.all or args.ids) or not client.available():
+        return None
+    if args.all:
+        return _rm_all_via_daemon(args, client)
+    try:
+        served = {b["id"] for b in client.call({"op": "list"})["sandboxes"]}
+        if not set(args.ids) <= served:
+            return None if os.geteuid() == 0 else _rm_refused(args.ids, served)
+        answer = next(client.stream({"op": "destroy", "ids": list(args.ids)}))
+        results = answer["results"]
+    except DaemonRefused as exc:
+        if exc.code == "bad_request":
+            raise UsageError(f"rm: {exc}") from exc
+        results = [{"id": i, "removed": False, "error": str(exc)} for i in args.ids]
+    except DaemonUnavailable:
+        return None
+    return _rm_report(args, results)
+
+
+def _rm_all_via_daemon(args: argparse.Namespace, client) -> int | None:
+    """--all with a daemon: its sandboxes through it, then (root) the rest here."""
+    from .client import DaemonRefused, DaemonUnavailable
+
+    try:
+        served = [b["id"] for b in client.call({"op": "list"})["sandboxes"]]
+        results = next(client.stream({"op": "destroy", "ids": served}))["results"] if served else []
+    except (DaemonRefused, DaemonUnavailable) as exc:
+        if os.geteuid() == 0:
+            return None
+        _err(f"rm --all: {exc}")
+        return EXIT_FAILED
+    if os.geteuid() == 0:
+        from .sandbox import destroy_sandbox, list_sandboxes
+
+        config = _config(args)
+        for box in list_sandboxes(config):
+            if box["id"] in served:
+                continue
+            try:
+                destroy_sandbox(config, box["id"])
+                results.append({"id": box["id"], "removed": True})
+            except Exception as exc:
+                results.append({"id": box["id"], "removed": False, "error": str(exc)})
+    return _rm_report(args, results)
+
+
+def _rm_refused(ids, served) -> int:
+    for sid in ids:
+        if sid not in served:
+            _err(f"rm {sid}: no such sandbox of yours")
+    return EXIT_FAILED
+
+
+def _rm_report(args: argparse.Namespace, results: list[dict]) -> int:
+    if args.json:
+        _print_json([{k: r[k] for k in r if k != "ms"} for r in results])
+    else:
+        for r in results:
+            if r["removed"]:
+                print(r["id"])
+            else:
+                _err(f"rm {r['id']}: {r['error']}")
+    return EXIT_OK if all(r["removed"] for r in results) else EXIT_FAILED
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     from .sandbox import list_sandboxes
 
-    _require_root()
+    if os.geteuid() != 0:
+        return _ls_via_daemon(args)
     boxes = list_sandboxes(_config(args))
     if args.json:
         _print_json(boxes)
@@ -503,6 +757,27 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(
             f"{b['id']:<10} {b['sandbox_addr']:<15} {gw:<21} {b['policy']:<12} {age:>8}"
             f"  {cmd}{state}"
+        )
+    return EXIT_OK
+
+
+def _ls_via_daemon(args: argparse.Namespace) -> int:
+    from .client import DaemonRefused, DaemonUnavailable
+
+    try:
+        boxes = _client(args).call({"op": "list"})["sandboxes"]
+    except (DaemonUnavailable, DaemonRefused) as exc:
+        _err(f"ls: {exc} (root sees every sandbox without the daemon)")
+        return EXIT_FAILED
+    if args.json:
+        _print_json(boxes)
+        return EXIT_OK
+    print(f"{'ID':<10} {'ADDRESS':<15} {'GATEWAY':<21} {'POLICY':<12} {'AGE':>8}")
+    now = time.time()
+    for b in boxes:
+        age = f"{int(now - b['created_at'])}s"
+        print(
+            f"{b['id']:<10} {b['sandbox_addr']:<15} {b['gateway']:<21} {b['policy']:<12} {age:>8}"
         )
     return EXIT_OK
 
@@ -618,9 +893,124 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sandgate {VERSION}")
     sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
 
+    # Options that say what a sandbox is: shared by run and create.
+    box = argparse.ArgumentParser(add_help=False)
+    box.add_argument("--policy", metavar="FILE", help="policy file (TOML); default: built-in")
+    box.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT[,PORT]]",
+        help="also allow egress to HOST (exact, or *.domain for its subdomains) for this "
+        "run; ports default to 443 (CONNECT) and 80 (plain http). Repeatable",
+    )
+    box.add_argument(
+        "--allow-cidr",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="also let the gateway dial addresses in this private range (a LAN mirror). Repeatable",
+    )
+    box.add_argument(
+        "--resolve",
+        action="append",
+        default=[],
+        type=_pin,
+        metavar="HOST=ADDR[,ADDR]",
+        help="the gateway resolves HOST to these addresses instead of asking the host's "
+        "resolver (the answers are still checked against the address rules). Repeatable",
+    )
+    box.add_argument(
+        "--repo",
+        action="append",
+        default=[],
+        type=_repo,
+        metavar="URL[=read|write]",
+        help="also let the sandbox use this git repository (https://host/org/repo) for "
+        "this run, through the git gateway: read (clone, fetch; the default) or write "
+        "(also push branches, refs/heads/*: no tags, no deletes, at most 10 refs a push). "
+        "Repeatable",
+    )
+    box.add_argument(
+        "--credentials",
+        metavar="DIR",
+        # Under systemd, LoadCredential= puts them in $CREDENTIALS_DIRECTORY.
+        default=os.environ.get("CREDENTIALS_DIRECTORY") or "/etc/sandgate/credentials",
+        help="root-only directory of upstream git credentials: HOST.token or "
+        "HOST.github-app.toml (default: $CREDENTIALS_DIRECTORY, the systemd credentials "
+        "of the service, else %(default)s); never visible in the sandbox",
+    )
+    box.add_argument(
+        "--upstream-ca",
+        metavar="FILE",
+        type=_readable_file,
+        help="PEM CA bundle that git hosts (and the GitHub API) must chain to; "
+        "default: the system trust store",
+    )
+    box.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        default="/var/log/sandgate/audit.jsonl",
+        help="where the gateway appends one JSON line per decision (default: %(default)s)",
+    )
+    box.add_argument(
+        "--workspace",
+        metavar="DIR",
+        help="host directory mounted read-write at /workspace (the working directory); "
+        "default: an empty tmpfs",
+    )
+    box.add_argument(
+        "--ro", action="append", default=[], metavar="PATH", help="bind PATH read-only (repeatable)"
+    )
+    box.add_argument(
+        "--rw",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="bind PATH read-write (repeatable)",
+    )
+    box.add_argument(
+        "--user",
+        metavar="USER[:GROUP]",
+        help="unprivileged user to run CMD as; default: the user behind sudo, else the "
+        "_sandgate system user, else nobody. `root` means root inside a user namespace "
+        "mapped to that unprivileged user; uid 0 on the host is refused.",
+    )
+    box.add_argument("--memory", type=_size, metavar="SIZE", help="memory limit, e.g. 512M, 2G")
+    box.add_argument("--pids", type=_positive_int, metavar="N", help="process/thread limit")
+    box.add_argument("--cpus", type=_cpus, metavar="N", help="CPU limit, e.g. 0.5, 2")
+    box.add_argument(
+        "--timeout",
+        type=_duration,
+        metavar="DURATION",
+        help="wall-clock limit (30s, 5m, 1h); when it runs out every process of the "
+        "sandbox is killed and run exits 137",
+    )
+    # Options of the command started in a sandbox: shared by run and exec.
+    cmdp = argparse.ArgumentParser(add_help=False)
+    cmdp.add_argument(
+        "--env",
+        "-e",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set an environment variable for CMD (repeatable); CMD gets a small fixed "
+        "environment otherwise, never the caller's",
+    )
+    cmdp.add_argument("--workdir", metavar="PATH", help="working directory inside the sandbox")
+    daemon_opts = argparse.ArgumentParser(add_help=False)
+    daemon_opts.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        default=None,
+        help="the daemon's control socket (default: $SANDGATE_CONTROL_SOCKET, else "
+        "/run/sandgate/control.sock)",
+    )
+
     run = sub.add_parser(
         "run",
-        parents=[common],
+        parents=[common, box, cmdp, daemon_opts],
         help="run a command in a new sandbox (no daemon needed)",
         description=(
             "Create a sandbox, run CMD in it with stdin/stdout/stderr passed through, "
@@ -634,115 +1024,24 @@ def build_parser() -> argparse.ArgumentParser:
             "stdout stays CMD's."
         ),
     )
-    run.add_argument("--policy", metavar="FILE", help="policy file (TOML); default: built-in")
-    run.add_argument(
-        "--allow",
-        action="append",
-        default=[],
-        metavar="HOST[:PORT[,PORT]]",
-        help="also allow egress to HOST (exact, or *.domain for its subdomains) for this "
-        "run; ports default to 443 (CONNECT) and 80 (plain http). Repeatable",
-    )
-    run.add_argument(
-        "--allow-cidr",
-        action="append",
-        default=[],
-        metavar="CIDR",
-        help="also let the gateway dial addresses in this private range (a LAN mirror). Repeatable",
-    )
-    run.add_argument(
-        "--resolve",
-        action="append",
-        default=[],
-        type=_pin,
-        metavar="HOST=ADDR[,ADDR]",
-        help="the gateway resolves HOST to these addresses instead of asking the host's "
-        "resolver (the answers are still checked against the address rules). Repeatable",
-    )
-    run.add_argument(
-        "--repo",
-        action="append",
-        default=[],
-        type=_repo,
-        metavar="URL[=read|write]",
-        help="also let the sandbox use this git repository (https://host/org/repo) for "
-        "this run, through the git gateway: read (clone, fetch; the default) or write "
-        "(also push branches, refs/heads/*: no tags, no deletes, at most 10 refs a push). "
-        "Repeatable",
-    )
-    run.add_argument(
-        "--credentials",
-        metavar="DIR",
-        # Under systemd, LoadCredential= puts them in $CREDENTIALS_DIRECTORY.
-        default=os.environ.get("CREDENTIALS_DIRECTORY") or "/etc/sandgate/credentials",
-        help="root-only directory of upstream git credentials: HOST.token or "
-        "HOST.github-app.toml (default: $CREDENTIALS_DIRECTORY, the systemd credentials "
-        "of the service, else %(default)s); never visible in the sandbox",
-    )
-    run.add_argument(
-        "--upstream-ca",
-        metavar="FILE",
-        type=_readable_file,
-        help="PEM CA bundle that git hosts (and the GitHub API) must chain to; "
-        "default: the system trust store",
-    )
-    run.add_argument(
-        "--audit-log",
-        metavar="FILE",
-        default="/var/log/sandgate/audit.jsonl",
-        help="where the gateway appends one JSON line per decision (default: %(default)s)",
-    )
     run.add_argument("--keep", action="store_true", help="leave the sandbox for inspection")
-    run.add_argument(
-        "--env",
-        "-e",
-        type=_env_pair,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set an environment variable for CMD (repeatable); CMD gets a small fixed "
-        "environment otherwise, never the caller's",
+    where = run.add_mutually_exclusive_group()
+    where.add_argument(
+        "--embedded",
+        action="store_true",
+        help="run in this process even if sandgate serve is running",
     )
-    run.add_argument(
-        "--workspace",
-        metavar="DIR",
-        help="host directory mounted read-write at /workspace (the working directory); "
-        "default: an empty tmpfs",
-    )
-    run.add_argument("--workdir", metavar="PATH", help="working directory inside the sandbox")
-    run.add_argument(
-        "--ro", action="append", default=[], metavar="PATH", help="bind PATH read-only (repeatable)"
-    )
-    run.add_argument(
-        "--rw",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="bind PATH read-write (repeatable)",
-    )
-    run.add_argument(
-        "--user",
-        metavar="USER[:GROUP]",
-        help="unprivileged user to run CMD as; default: the user behind sudo, else the "
-        "_sandgate system user, else nobody. `root` means root inside a user namespace "
-        "mapped to that unprivileged user; uid 0 on the host is refused.",
-    )
-    run.add_argument("--memory", type=_size, metavar="SIZE", help="memory limit, e.g. 512M, 2G")
-    run.add_argument("--pids", type=_positive_int, metavar="N", help="process/thread limit")
-    run.add_argument("--cpus", type=_cpus, metavar="N", help="CPU limit, e.g. 0.5, 2")
-    run.add_argument(
-        "--timeout",
-        type=_duration,
-        metavar="DURATION",
-        help="wall-clock limit (30s, 5m, 1h); when it runs out every process of the "
-        "sandbox is killed and run exits 137",
+    where.add_argument(
+        "--daemon",
+        action="store_true",
+        help="run through sandgate serve; fail (125) if it does not answer",
     )
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     run.set_defaults(func=cmd_run)
 
     rm = sub.add_parser(
         "rm",
-        parents=[common],
+        parents=[common, daemon_opts],
         help="remove sandboxes",
         description="Remove sandboxes by id: their network namespace, veth, firewall "
         "elements and records. Works from the kernel's own objects, so it also cleans "
@@ -752,8 +1051,98 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--all", action="store_true", help="remove every sandbox on this host")
     rm.set_defaults(func=cmd_rm)
 
-    ls = sub.add_parser("ls", parents=[common], help="list sandboxes")
+    ls = sub.add_parser(
+        "ls",
+        parents=[common, daemon_opts],
+        help="list sandboxes",
+        description="List sandboxes. Root reads the records and the kernel directly (every "
+        "sandbox: the daemon's and those of `sandgate run`); anyone else asks the daemon, "
+        "which shows a user only their own.",
+    )
     ls.set_defaults(func=cmd_ls)
+
+    create = sub.add_parser(
+        "create",
+        parents=[common, box, daemon_opts],
+        help="create a sandbox that stays (needs the daemon)",
+        description="Ask sandgate serve for a sandbox that stays until `sandgate rm` (or its "
+        "--timeout): run commands in it with `sandgate exec`. Prints its id.",
+        epilog="example:\n  id=$(sandgate create --allow packages.example)\n"
+        "  sandgate exec $id -- pip download requests\n  sandgate rm $id\n"
+        "exit codes: 0 created; 1 the daemon failed or is not running; 2 bad usage "
+        "(also a request the daemon found invalid).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    create.add_argument(
+        "--policy-name",
+        metavar="NAME",
+        help="a named policy of the daemon (/etc/sandgate/policies/NAME.toml)",
+    )
+    create.set_defaults(func=cmd_create)
+
+    exec_ = sub.add_parser(
+        "exec",
+        parents=[common, cmdp, daemon_opts],
+        help="run a command in a sandbox made by create (needs the daemon)",
+        description="Start CMD in a running sandbox, with this terminal's stdin, stdout and "
+        "stderr, as the sandbox's user; signals (Ctrl-C) are passed on.",
+        epilog="exit codes: as for run: CMD's own; 128+N if signal N ended it; 125 sandgate "
+        "could not start it; 126 not executable; 127 not found.",
+    )
+    exec_.add_argument("id", metavar="ID")
+    exec_.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    exec_.set_defaults(func=cmd_exec)
+
+    inspect = sub.add_parser(
+        "inspect",
+        parents=[common, daemon_opts],
+        help="show everything about one sandbox (needs the daemon)",
+    )
+    inspect.add_argument("id", metavar="ID")
+    inspect.set_defaults(func=cmd_inspect)
+
+    logs = sub.add_parser(
+        "logs",
+        parents=[common, daemon_opts],
+        help="a sandbox's gateway decisions from the audit log (needs the daemon)",
+        description="Print the audit log's lines for one sandbox: every request the gateway "
+        "allowed or denied, with its request id.",
+    )
+    logs.add_argument("id", metavar="ID")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    logs.set_defaults(func=cmd_logs)
+
+    reload = sub.add_parser(
+        "reload",
+        parents=[common, daemon_opts],
+        help="reload the daemon's named policies (like systemctl reload sandgate)",
+        description="Re-read /etc/sandgate/policies. All valid or nothing changes. Running "
+        "sandboxes keep the policy they started with unless --apply-to-running.",
+    )
+    reload.add_argument(
+        "--apply-to-running",
+        action="store_true",
+        help="also give running sandboxes made from a named policy its new version",
+    )
+    reload.set_defaults(func=cmd_reload)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon (systemd runs this: sandgate.service)",
+        description="Serve the control socket and every sandbox's gateway. At start, "
+        "reconcile the kernel against the records: remove what no live process owns, "
+        "restore the gateway endpoints of the sandboxes that still run. SIGHUP reloads "
+        "policies; SIGTERM stops serving and leaves the sandboxes running.",
+    )
+    serve.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help=f"daemon configuration (default: {DEFAULT_DAEMON_CONFIG}, where a missing "
+        "file means the built-in defaults; a FILE given here must exist)",
+    )
+    serve.set_defaults(func=cmd_serve)
 
     doctor = sub.add_parser(
         "doctor",

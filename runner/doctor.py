@@ -263,9 +263,10 @@ def check_firewall_managers() -> Check:
     return Check(
         "firewall managers",
         "warn",
-        "running: " + "; ".join(found) + ". Until sandgate's daemon watches and restores "
-        "its table, the in-sandbox table, the missing default route and the xtables "
-        "backstop keep sandboxes closed",
+        "running: " + "; ".join(found) + ". sandgate serve notices a removed or changed "
+        "table within a second and restores it; meanwhile (and without the daemon) the "
+        "in-sandbox table, the missing default route and the xtables backstop keep "
+        "sandboxes closed",
         "set FlushAllOnReload=no in /etc/firewalld/firewalld.conf; avoid `nft flush "
         "ruleset` on this host",
     )
@@ -292,6 +293,116 @@ def check_audit_disk(audit_path: str, min_free: int = 256 * 1024 * 1024) -> Chec
     return _ok("audit log", where)
 
 
+def _control_socket() -> str:
+    from .client import control_socket_path
+
+    return control_socket_path()
+
+
+SYSTEMD_MIN = 247  # LoadCredential= and the notify protocol the unit uses
+
+
+def _systemd_version(run: Callable[[list[str]], str]) -> int | None:
+    first = run(["systemctl", "--version"]).splitlines()[:1]
+    parts = first[0].split() if first else []
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+
+
+def _command_output(argv: list[str]) -> str:
+    import subprocess
+
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout
+
+
+def check_systemd(
+    run: Callable[[list[str]], str] = _command_output, booted: bool | None = None
+) -> list[Check]:
+    """The service mode: systemd's version, the unit's state and its cgroup delegation."""
+    if booted is None:
+        booted = os.path.isdir("/run/systemd/system")
+    if not booted:
+        return [
+            Check(
+                "systemd",
+                "info",
+                "systemd is not the init system here: sandgate.service cannot run; "
+                "`sandgate run` works, and `sandgate serve` can run under another supervisor",
+            )
+        ]
+    version = _systemd_version(run)
+    checks = []
+    if version is None or version < SYSTEMD_MIN:
+        checks.append(
+            Check(
+                "systemd",
+                "warn",
+                f"systemd {version or 'unknown'}: sandgate.service needs {SYSTEMD_MIN} or "
+                "newer (LoadCredential=)",
+                "upgrade systemd, or drop LoadCredential= lines and pass --credentials",
+            )
+        )
+    else:
+        checks.append(_ok("systemd", f"systemd {version}"))
+    props = dict(
+        line.split("=", 1)
+        for line in run(
+            ["systemctl", "show", "sandgate.service", "-p", "LoadState,ActiveState,Delegate"]
+        ).splitlines()
+        if "=" in line
+    )
+    if props.get("LoadState") != "loaded":
+        checks.append(
+            Check(
+                "service",
+                "warn",
+                "sandgate.service is not installed",
+                "sudo ./scripts/install (it installs and starts the unit)",
+            )
+        )
+        return checks
+    state = props.get("ActiveState", "unknown")
+    checks.append(
+        _ok("service", f"sandgate.service is {state}")
+        if state == "active"
+        else Check(
+            "service",
+            "warn",
+            f"sandgate.service is {state}",
+            "systemctl start sandgate; journalctl -u sandgate says why it stopped",
+        )
+    )
+    if props.get("Delegate") != "yes":
+        checks.append(
+            _fail(
+                "cgroup delegation",
+                "sandgate.service has Delegate=no: systemd may move or remove the "
+                "sandboxes' cgroups",
+                "restore Delegate=yes in the unit (systemctl edit sandgate)",
+            )
+        )
+    else:
+        checks.append(_ok("cgroup delegation", "sandgate.service has Delegate=yes"))
+    return checks
+
+
+def check_daemon(control_socket: str) -> Check:
+    from .client import ControlClient, DaemonRefused, DaemonUnavailable
+
+    try:
+        answer = ControlClient(control_socket, timeout=2.0).call({"op": "ping"})
+    except (DaemonUnavailable, DaemonRefused, OSError) as exc:
+        return Check("daemon", "info", f"not answering on {control_socket}: {exc}")
+    return _ok(
+        "daemon",
+        f"sandgate serve (pid {answer.get('pid')}) answers on {control_socket}, serving "
+        f"{answer.get('sandboxes')} sandbox(es)",
+    )
+
+
 def run_checks(config: RunnerConfig) -> list[Check]:
     checks: list[Check] = [check_root()]
     checks += check_modules()
@@ -308,6 +419,8 @@ def run_checks(config: RunnerConfig) -> list[Check]:
         check_ip_forward,
         check_firewall_managers,
         lambda: check_audit_disk(str(config.audit_path)),
+        check_systemd,
+        lambda: check_daemon(_control_socket()),
     ]
     for probe in probes:
         try:
