@@ -16,6 +16,12 @@ delegated services, the runner moves the processes of its cgroup into a leaf
 siblings of that leaf. A later `detect` that finds itself in `<own>/runner`
 uses `<own>` as the base again.
 
+A runner that is a systemd service on v2 (the daemon) uses SystemdScopes instead:
+each sandbox is a transient scope in sandgate.slice, made by systemd around init, so
+no sandbox cgroup lies beneath the service and systemd can restart it (before
+systemd 254 it cannot start a main process in a cgroup with controllers enabled for
+children).
+
 v1 (one hierarchy per controller): a sandbox cgroup is one directory in each
 of the memory, pids and cpu hierarchies (and freezer when it is mounted),
 each beneath the runner's own cgroup in that hierarchy.
@@ -691,6 +697,150 @@ class CgroupV2(Backend):
         )
 
 
+SCOPE_SLICE = "sandgate.slice"
+SCOPE_WAIT_S = 5.0
+
+
+def scope_unit(name: str) -> str:
+    return f"{name}.scope"
+
+
+def start_transient_scope_argv(name: str, pid: int, limits: Limits) -> list[str]:
+    """busctl's call of systemd's StartTransientUnit for one sandbox: a scope in
+    sandgate.slice holding `pid`, delegated, with the limits as systemd properties."""
+    props: list[tuple[str, str, list[str]]] = [
+        ("Description", "s", [f"sandgate sandbox {name.removeprefix(NAME_PREFIX)}"]),
+        ("Slice", "s", [SCOPE_SLICE]),
+        ("Delegate", "b", ["true"]),
+        ("CollectMode", "s", ["inactive-or-failed"]),
+        ("PIDs", "au", ["1", str(pid)]),
+        ("MemoryMax", "t", [str(limits.memory_bytes)]),
+        ("MemorySwapMax", "t", [str(limits.swap_bytes)]),
+        ("TasksMax", "t", [str(limits.pids)]),
+        ("CPUQuotaPerSecUSec", "t", [str(round(limits.cpus * 1_000_000))]),
+    ]
+    argv = [
+        "busctl",
+        "call",
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+        "StartTransientUnit",
+        "ssa(sv)a(sa(sv))",
+        scope_unit(name),
+        "fail",
+        str(len(props)),
+    ]
+    for key, signature, values in props:
+        argv += [key, signature, *values]
+    return [*argv, "0"]
+
+
+def _busctl(argv: list[str]) -> None:
+    import subprocess
+
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CgroupError(f"cannot ask systemd for a scope ({argv[5]}): {e}") from e
+    if done.returncode != 0:
+        raise CgroupError(
+            f"systemd refused the scope {argv[7]}: {done.stderr.strip() or done.stdout.strip()}"
+        )
+
+
+class ScopeCgroup(UnifiedCgroup):
+    """A sandbox cgroup that is a systemd scope (sandgate.slice/sandgate-<id>.scope).
+
+    Under systemd on cgroup v2, a service whose cgroup has children with controllers
+    cannot be restarted before systemd 254 (the new main process may not join an
+    inner cgroup): so the daemon's sandboxes live in scopes of their own, outside the
+    service, and outlive its restarts. The scope is made when init joins it
+    (add_process): systemd makes a scope only around a process."""
+
+    def __init__(self, fs: CgroupFS, name: str, path: str, limits: Limits, busctl=None) -> None:
+        super().__init__(fs, name, [path])
+        self._limits = limits
+        self._busctl = busctl or _busctl
+
+    def add_process(self, pid: int) -> None:
+        self._busctl(start_transient_scope_argv(self.name, pid, self._limits))
+        procs = posixpath.join(self.path, "cgroup.procs")
+        deadline = time.monotonic() + SCOPE_WAIT_S
+        while not (self._fs.exists(procs) and pid in _read_pids(self._fs, procs)):
+            if time.monotonic() > deadline:
+                raise CgroupError(
+                    f"systemd accepted the scope {scope_unit(self.name)} but pid {pid} is "
+                    f"not in {self.path} after {SCOPE_WAIT_S:g}s"
+                )
+            time.sleep(0.002)
+        # What systemd has no property for: an OOM kills the whole sandbox.
+        if self._fs.exists(self._file("memory.oom.group")):
+            with contextlib.suppress(OSError):
+                self._fs.write(self._file("memory.oom.group"), "1")
+
+    def apply(self, limits: Limits) -> None:
+        self._limits = limits  # given to systemd with the scope
+
+
+class SystemdScopes(Backend):
+    """cgroup v2 under systemd, for a runner that is itself a systemd service: each
+    sandbox is a transient scope in sandgate.slice (ScopeCgroup)."""
+
+    version = 2
+
+    def __init__(self, fs: CgroupFS, root: str, busctl=None) -> None:
+        self._fs = fs
+        self._root = root
+        self._slice = posixpath.join(root, SCOPE_SLICE)
+        self._busctl = busctl
+        self.info = CgroupBackendInfo(version=2, root=root, base=self._slice)
+
+    def __repr__(self) -> str:
+        return f"SystemdScopes(slice={self._slice!r})"
+
+    def _path(self, name: str) -> str:
+        return posixpath.join(self._slice, scope_unit(name))
+
+    def create(self, name: str, limits: Limits) -> Cgroup:
+        _check_name(name)
+        path = self._path(name)
+        if self._fs.exists(path) and (
+            busy := _read_pids(self._fs, posixpath.join(path, "cgroup.procs"))
+        ):
+            raise CgroupError(f"{path} already holds processes {busy}: sandbox {name} still runs")
+        return ScopeCgroup(self._fs, name, path, limits, self._busctl)
+
+    def find(self, name: str) -> Cgroup | None:
+        _check_name(name)
+        path = self._path(name)
+        return UnifiedCgroup(self._fs, name, [path]) if self._fs.is_dir(path) else None
+
+    def list(self) -> list[str]:
+        if not self._fs.is_dir(self._slice):
+            return []
+        return sorted(
+            entry.removesuffix(".scope")
+            for entry in self._fs.listdir(self._slice)
+            if entry.endswith(".scope") and _NAME_RE.fullmatch(entry.removesuffix(".scope"))
+        )
+
+
+def _want_scopes(environ) -> bool:
+    """Scopes for a systemd service (INVOCATION_ID) on a systemd host with busctl;
+    SANDGATE_CGROUP_SCOPES=0 turns them off, =1 forces them."""
+    import shutil
+
+    forced = environ.get("SANDGATE_CGROUP_SCOPES")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return (
+        bool(environ.get("INVOCATION_ID"))
+        and os.path.isdir("/run/systemd/system")
+        and shutil.which("busctl") is not None
+    )
+
+
 class CgroupV1(Backend):
     """Separate memory, pids and cpu (and optional freezer) hierarchies."""
 
@@ -817,7 +967,11 @@ def cgroup_at(name: str, dirs: dict[str, str], fs: CgroupFS | None = None) -> Cg
 
 
 def detect(
-    proc_root: str = "/proc", fs_root: str = "/sys/fs/cgroup", *, fs: CgroupFS | None = None
+    proc_root: str = "/proc",
+    fs_root: str = "/sys/fs/cgroup",
+    *,
+    fs: CgroupFS | None = None,
+    environ=None,
 ) -> Backend:
     """The cgroup backend this host offers: v2 if the unified hierarchy gives the runner's
     cgroup memory, pids and cpu; else v1 if those three hierarchies are mounted."""
@@ -825,7 +979,10 @@ def detect(
     own = _own_cgroups(fs, proc_root)
     problems: list[str] = []
     try:
-        return CgroupV2.probe(fs, own, fs_root)
+        v2 = CgroupV2.probe(fs, own, fs_root)
+        if _want_scopes(environ if environ is not None else os.environ):
+            return SystemdScopes(fs, v2.info.root)
+        return v2
     except _Unusable as e:
         problems.append(f"cgroup v2: {e}")
     try:

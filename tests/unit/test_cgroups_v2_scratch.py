@@ -22,6 +22,7 @@ from runner.cgroups import (
     CgroupV1,
     CgroupV2,
     Limits,
+    SystemdScopes,
     UnifiedCgroup,
     default_limits,
     detect,
@@ -524,3 +525,93 @@ def test_default_limits_are_conservative(scratch, tmp_path):
     small.mkdir()
     (small / "meminfo").write_text("MemTotal:        2000000 kB\n")
     assert default_limits(str(small)).memory_bytes == 2000000 * 1024 // 4 // 4096 * 4096
+
+
+# --- systemd scopes (a runner that is a systemd service, on v2) ------------------------
+
+
+class FakeSystemd:
+    """Plays systemd's StartTransientUnit: makes the scope under sandgate.slice and moves
+    the pid into it, as systemd would; records each call's properties."""
+
+    def __init__(self, kernel: ScratchKernel, fs_root: str, refuse: str | None = None) -> None:
+        self.kernel, self.fs_root, self.refuse = kernel, fs_root, refuse
+        self.calls: list[dict[str, list[str]]] = []
+
+    def __call__(self, argv: list[str]) -> None:
+        assert argv[:7] == [
+            "busctl",
+            "call",
+            "org.freedesktop.systemd1",
+            "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager",
+            "StartTransientUnit",
+            "ssa(sv)a(sa(sv))",
+        ]
+        unit, mode, count = argv[7], argv[8], int(argv[9])
+        assert mode == "fail" and argv[-1] == "0"
+        props, rest = {}, argv[10:-1]
+        for _ in range(count):
+            key, sig = rest[0], rest[1]
+            width = 1 + int(rest[2]) if sig.startswith("a") else 1
+            props[key] = rest[2 : 2 + width]
+            rest = rest[2 + width :]
+        assert not rest
+        self.calls.append({"unit": [unit], **props})
+        if self.refuse:
+            raise CgroupError(self.refuse)
+        slice_dir = posixpath.join(self.fs_root, "sandgate.slice")
+        if not os.path.isdir(slice_dir):
+            self.kernel.mkdir(slice_dir)
+            self.kernel.plain(
+                posixpath.join(slice_dir, "cgroup.subtree_control"), "cpu memory pids"
+            )
+        scope = posixpath.join(slice_dir, unit)
+        self.kernel.mkdir(scope)
+        self.kernel.write(posixpath.join(scope, "cgroup.procs"), props["PIDs"][1])
+
+
+def test_detect_gives_scopes_to_a_systemd_service_only_when_asked(scratch):
+    kernel, fs_root, proc_root = scratch
+    assert isinstance(
+        detect(proc_root, fs_root, fs=kernel, environ={"SANDGATE_CGROUP_SCOPES": "1"}),
+        SystemdScopes,
+    )
+    assert isinstance(
+        detect(proc_root, fs_root, fs=kernel, environ={"SANDGATE_CGROUP_SCOPES": "0"}), CgroupV2
+    )
+
+
+def test_a_scope_is_made_around_init_with_the_limits_as_properties(scratch):
+    kernel, fs_root, _proc_root = scratch
+    systemd = FakeSystemd(kernel, fs_root)
+    backend = SystemdScopes(kernel, fs_root, busctl=systemd)
+    cgroup = backend.create("sandgate-1a2b3c4d", LIMITS)
+    assert not os.path.exists(cgroup.path)  # nothing until there is a process to hold
+    cgroup.add_process(777)
+    (call,) = systemd.calls
+    assert call["unit"] == ["sandgate-1a2b3c4d.scope"]
+    assert call["Slice"] == ["sandgate.slice"] and call["Delegate"] == ["true"]
+    assert call["PIDs"] == ["1", "777"]
+    assert call["MemoryMax"] == [str(512 << 20)] and call["MemorySwapMax"] == ["0"]
+    assert call["TasksMax"] == ["64"] and call["CPUQuotaPerSecUSec"] == ["1000000"]
+    assert cgroup.dirs == {
+        "unified": posixpath.join(fs_root, "sandgate.slice/sandgate-1a2b3c4d.scope")
+    }
+    assert kernel.pids_in(cgroup.path) == [777]
+    assert read(posixpath.join(cgroup.path, "memory.oom.group")) == "1"
+    # The service's own cgroup got no controllers: systemd can restart it.
+    assert read(posixpath.join(service_dir(fs_root), "cgroup.subtree_control")) == ""
+    assert backend.list() == ["sandgate-1a2b3c4d"]
+    assert backend.find("sandgate-1a2b3c4d").path == cgroup.path
+    cgroup.destroy()
+    assert not os.path.exists(cgroup.path) and (777, signal.SIGKILL) in kernel.signals
+    assert backend.list() == []
+
+
+def test_a_scope_systemd_refuses_is_an_error_naming_it(scratch):
+    kernel, fs_root, _proc_root = scratch
+    backend = SystemdScopes(kernel, fs_root, busctl=FakeSystemd(kernel, fs_root, "Access denied"))
+    cgroup = backend.create("sandgate-1a2b3c4d", LIMITS)
+    with pytest.raises(CgroupError, match="Access denied"):
+        cgroup.add_process(777)
