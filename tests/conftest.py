@@ -32,6 +32,9 @@ def sandgate_residue() -> set[str]:
     for line in ipt.stdout.splitlines():
         if "sandgate" in line.lower() or "sg+" in line:
             found.add(f"xtables rule {line.strip()}")
+    scopes = "/sys/fs/cgroup/sandgate.slice"  # the daemon's, under systemd on cgroup v2
+    if os.path.isdir(scopes):
+        found |= {f"scope {e}" for e in os.listdir(scopes) if e.startswith("sandgate-")}
     try:
         from runner.cgroups import CgroupError, detect
 
@@ -42,7 +45,15 @@ def sandgate_residue() -> set[str]:
     return found
 
 
+# `sandgate run` goes through a daemon when one answers on the control socket. The
+# suite's runs are embedded unless a test names a daemon itself (test_daemon.py starts
+# its own; test_service_vm.py uses the installed service): a service running on the
+# machine (the Vagrant VM) must not take them over.
+NO_DAEMON = "/nonexistent/sandgate-tests-run-embedded.sock"
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    os.environ["SANDGATE_CONTROL_SOCKET"] = NO_DAEMON
     config._sandgate_residue_before = sandgate_residue() if os.geteuid() == 0 else set()  # type: ignore[attr-defined]
 
 
