@@ -10,6 +10,7 @@ the context, so an `Nft` belongs to one thread and one netns: make it inside the
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
@@ -45,16 +46,27 @@ def _describe(doc: Doc) -> str:
     return ", ".join(parts)
 
 
+# libnftables (1.0.6) is not thread-safe: two threads listing at once get corrupted set
+# types, three abort on an assertion in json.c. Every call in this process takes this.
+_LIBNFTABLES = threading.RLock()
+
+
 class Nft:
-    """A libnftables context speaking JSON, bound to the netns of the thread that made it."""
+    """A libnftables context speaking JSON, bound to the netns of the thread that made it.
+
+    Its netlink socket is select()ed by libnftables, so its descriptor must stay below
+    FD_SETSIZE (1024): a process with many descriptors (the daemon: two per sandbox)
+    makes one context early and keeps it."""
 
     def __init__(self) -> None:
-        self._ctx = nftables.Nftables()
-        self._ctx.set_json_output(True)
+        with _LIBNFTABLES:
+            self._ctx = nftables.Nftables()
+            self._ctx.set_json_output(True)
 
     def run(self, doc: Doc, what: str | None = None) -> Doc:
         """Run a document as one transaction; return libnftables' JSON output ({} if none)."""
-        rc, output, error = self._ctx.json_cmd(doc)
+        with _LIBNFTABLES:
+            rc, output, error = self._ctx.json_cmd(doc)
         if rc != 0:
             text = " ".join(line.strip() for line in (error or "").splitlines() if line.strip())
             text = text.replace("internal:0:0-0: ", "")
@@ -69,6 +81,10 @@ class Nft:
         """
         ruleset.check_table(name)
         listing = {"nftables": [{"list": {"table": {"family": FAMILY, "name": name}}}]}
+        with _LIBNFTABLES:
+            return self._table(listing, name, elements)
+
+    def _table(self, listing: Doc, name: str, elements: bool) -> Doc | None:
         self._ctx.set_terse_output(not elements)
         try:
             return self.run(listing, what=f"list table {FAMILY} {name}")

@@ -13,6 +13,8 @@ from pathlib import Path
 from netns.addressing import DEFAULT_POOL
 
 DEFAULT_GATEWAY_PORT = 3128
+# In /run itself (root-only), not /run/lock (anyone may create files there).
+HOST_LOCK = Path("/run/sandgate.lock")
 
 
 @dataclass(frozen=True)
@@ -33,4 +35,7 @@ class RunnerConfig:
 
     @property
     def lock_path(self) -> Path:
-        return self.run_dir / "lock"
+        """One lock for the whole host, whatever the run directory: addresses, sandbox
+        ids and the shared table are the host's, and two runners with different
+        directories (a test's, the daemon's) must not take the same /31."""
+        return HOST_LOCK

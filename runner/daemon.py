@@ -135,6 +135,10 @@ class Daemon:
         self.forkserver = forkserver
         self.environ = dict(os.environ if environ is None else environ)
         self.metrics = DaemonMetrics()
+        # One libnftables context for the host, made now, while this process has few
+        # descriptors: libnftables select()s its socket, which must stay below 1024
+        # (the daemon holds two descriptors per sandbox). Calls on it are serialised.
+        self.nft = nft_apply.Nft()
         self.live: dict[str, Live] = {}
         self.busy: set[str] = set()  # ids being created or removed by this daemon
         self.policies = _Policies()
@@ -253,7 +257,7 @@ class Daemon:
     # --- reconcile and restore ------------------------------------------------------------
 
     async def _reconcile_at_start(self) -> None:
-        result = await self._work(reconcile, self.config, owner_alive, frozenset())
+        result = await self._work(reconcile, self.config, owner_alive, frozenset(), self.nft)
         for sid, why in result.failed:
             log.error("reconcile: could not remove sandbox %s: %s", sid, why)
         if result.removed:
@@ -274,7 +278,7 @@ class Daemon:
                 await self._restore(record)
             except Exception as exc:
                 log.error("restore: sandbox %s could not be restored, removing it: %s", sid, exc)
-                await self._work(remove_leftovers, self.config, sid)
+                await self._work(remove_leftovers, self.config, sid, None, self.nft)
                 self.metrics.reconcile_removals.inc()
         self.metrics.sandboxes.set(len(self.live))
 
@@ -330,7 +334,7 @@ class Daemon:
             log.warning("sandbox %s: its init is gone; removing the sandbox", sid)
             with contextlib.suppress(DaemonError):
                 await self.destroy(sid, "init gone")
-        result = await self._work(reconcile, self.config, alive, self.busy)
+        result = await self._work(reconcile, self.config, alive, self.busy, self.nft)
         if result.removed:
             log.warning("reconcile: removed %s", " ".join(result.removed))
             self.metrics.reconcile_removals.inc(len(result.removed))
@@ -344,6 +348,8 @@ class Daemon:
             await asyncio.sleep(DRIFT_INTERVAL)
             tick += 1
             try:
+                # Rules every tick (a deleted table is back within DRIFT_INTERVAL);
+                # elements and the backstop every 4th (their check lists every sandbox).
                 await self._work(self._repair_firewall, tick % 4 == 0)
             except Exception as exc:
                 now = time.monotonic()
@@ -351,14 +357,23 @@ class Daemon:
                     log.error("drift watch: %s", exc)
                     self._last_drift_log = now
 
-    def _repair_firewall(self, check_backstop: bool) -> None:
+    def _repair_firewall(self, thorough: bool) -> None:
         """Put the host table (and the backstop) back if another tool changed them,
-        with every live sandbox's elements. Runs on the worker pool."""
-        # Only a ready sandbox needs the table: one being created has a record before
-        # its create makes the table, and that is no drift to repair.
-        if not any(r.state == "ready" for r in load_records(self.config.sandboxes_dir).values()):
+        with every live sandbox's elements. Runs on the worker pool.
+
+        Every call checks the rules tersely (cost independent of the number of
+        sandboxes); `thorough` calls, and any call that repaired something, also check
+        each ready sandbox's elements and the xtables backstop. Sandboxes this daemon
+        is creating or removing (busy) are left to that work."""
+        if not self.live and not thorough:
             return
-        nft = nft_apply.Nft()
+        if thorough and not any(
+            r.state == "ready" for r in load_records(self.config.sandboxes_dir).values()
+        ):
+            # Only a ready sandbox needs the table: one being created has a record
+            # before its create makes the table, and that is no drift to repair.
+            return
+        nft = self.nft
         table = self.config.table
         repaired = None
         if nft.table(table, elements=False) is None:
@@ -376,10 +391,14 @@ class Daemon:
                         {"nftables": [{"delete": {"table": {"family": "inet", "name": table}}}]}
                     )
                     nft_apply.ensure_host_table(nft, table)
+        check_backstop = thorough
+        if repaired is None and not thorough:
+            return
         present = {e.host_ifname for e in nft_apply.sandbox_elements(nft, table)}
         missing = 0
+        busy = set(self.busy)
         for record in load_records(self.config.sandboxes_dir).values():
-            if record.state != "ready" or record.host_ifname in present:
+            if record.state != "ready" or record.host_ifname in present or record.id in busy:
                 continue
             sandbox = open_sandbox(self.config, record.id)
             if sandbox is not None:
@@ -527,7 +546,7 @@ class Daemon:
             request=request,
         )
         try:
-            sandbox = await self._work(create_sandbox, self.config, spec, self._hook)
+            sandbox = await self._work(self._create_sandbox, spec)
         except SandboxError as exc:
             self.metrics.creates.labels("failed").inc()
             raise DaemonError(str(exc)) from exc
@@ -553,7 +572,7 @@ class Daemon:
             self.metrics.creates.labels("failed").inc()
             with contextlib.suppress(Exception):
                 await self.gateway.remove_sandbox(sid)
-            await self._work(remove_leftovers, self.config, sid)
+            await self._work(remove_leftovers, self.config, sid, None, self.nft)
             self.busy.discard(sid)
             if isinstance(exc, LaunchError | ForkServerError | OSError):
                 raise DaemonError(f"starting the sandbox's init failed: {exc}") from exc
@@ -565,6 +584,19 @@ class Daemon:
         self.metrics.create_seconds.observe(time.monotonic() - t0)
         self.metrics.sandboxes.set(len(self.live))
         return live
+
+    def _create_sandbox(self, spec: SandboxSpec):
+        """create_sandbox with the daemon's host nft context, and the in-sandbox table
+        applied by the fork server (few descriptors, one thread). Worker pool."""
+
+        def sandbox_firewall(net) -> None:
+            self.forkserver.apply_sandbox_table(
+                net.netns_path, str(net.address.host), self.config.gateway_port, self.config.table
+            )
+
+        return create_sandbox(
+            self.config, spec, self._hook, nft=self.nft, sandbox_firewall=sandbox_firewall
+        )
 
     def _await_ready(self, started: StartedInit, cgroup: Cgroup | None) -> None:
         """Release init (cgroup first) and wait for its ready line. Worker pool."""
@@ -608,7 +640,7 @@ class Daemon:
             await self._work(save_record, self.config.sandboxes_dir, live.record)
             self._hook("destroy", "gateway")
             await self.gateway.remove_sandbox(sid)
-            timings = await self._work(remove_leftovers, self.config, sid, self._hook)
+            timings = await self._work(remove_leftovers, self.config, sid, self._hook, self.nft)
         finally:
             self.busy.discard(sid)
             self.live.pop(sid, None)
@@ -1125,16 +1157,19 @@ def _unix_server(path: str, mode: int, gid: int | None) -> socket.socket:
 
 
 def _read_line(fd: int, timeout: float) -> bytes:
+    """One line from fd within timeout, else b"". poll, not select: the daemon's
+    descriptors go past FD_SETSIZE."""
     import select
 
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     deadline = time.monotonic() + timeout
     data = b""
     while b"\n" not in data:
         left = deadline - time.monotonic()
         if left <= 0:
             return b""
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
+        if not poller.poll(left * 1000):
             return b""
         chunk = os.read(fd, 4096)
         if not chunk:
@@ -1259,6 +1294,12 @@ def serve(dconfig: DaemonConfig) -> int:
         level=logging.INFO, format="sandgate[%(process)d]: %(levelname)s %(message)s"
     )
     forkserver = ForkServer.start()
+    # Two descriptors per sandbox's endpoints, plus connections: take the hard limit
+    # (the unit sets LimitNOFILE=65536).
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     daemon = Daemon(dconfig, forkserver)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)

@@ -17,12 +17,16 @@ root program, and the socketpair has no name anyone else could reach.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import pickle
 import signal
 import socket
 import struct
 import threading
+
+from nft import apply as nft_apply
+from nft.apply import NftError
 
 from . import syscalls
 from .init import CommandSpec
@@ -103,12 +107,52 @@ class ForkServer:
             raise LaunchError(str(error))
         return StartedInit(pid=answer["pid"], go_fd=fds[0], status_fd=fds[1])
 
+    def apply_sandbox_table(
+        self, netns_path: str, gateway_addr: str, gateway_port: int, table: str
+    ) -> None:
+        """The in-sandbox nftables table, applied from the fork server: it has few
+        descriptors, so libnftables' select() on its socket is safe (the daemon has
+        two per sandbox, past FD_SETSIZE at ~500), and it is single-threaded."""
+        with self._lock:
+            try:
+                _send(self._sock, ("sandbox_table", netns_path, gateway_addr, gateway_port, table))
+                answer, fds = _recv(self._sock)
+            except (OSError, EOFError, pickle.UnpicklingError, struct.error) as exc:
+                raise ForkServerError(f"the fork server is gone: {exc}") from exc
+        for fd in fds:
+            os.close(fd)
+        if not isinstance(answer, dict) or answer.get("ok") is not True:
+            error = answer.get("error") if isinstance(answer, dict) else repr(answer)
+            raise NftError(f"the sandbox's own table: {error}")
+
     def close(self) -> None:
         self._sock.close()
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+
+
+def _apply_sandbox_table(netns_path: str, gateway_addr: str, port: int, table: str) -> dict:
+    """In the fork server's one thread: join the sandbox's netns, apply, come back."""
+    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            syscalls.setns(target, syscalls.CLONE_NEWNET)
+        finally:
+            os.close(target)
+        try:
+            nft_apply.apply_sandbox_table(
+                nft_apply.Nft(), ipaddress.IPv4Address(gateway_addr), port, table
+            )
+        finally:
+            syscalls.setns(own, syscalls.CLONE_NEWNET)
+    except (OSError, NftError, ValueError) as exc:
+        return {"ok": False, "error": str(exc)}
+    finally:
+        os.close(own)
+    return {"ok": True}
 
 
 def _serve(sock: socket.socket) -> None:
@@ -124,6 +168,9 @@ def _serve(sock: socket.socket) -> None:
             return
         for fd in fds:
             os.close(fd)
+        if isinstance(request, tuple) and request and request[0] == "sandbox_table":
+            _send(sock, _apply_sandbox_table(*request[1:]))
+            continue
         try:
             spec, netns_path = request  # type: ignore[misc]
             init = start_init(spec, netns_path, close_in_child=(sock.fileno(),))

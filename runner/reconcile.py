@@ -6,7 +6,8 @@ sockets under /run/sandgate), and every id has a record from the moment it is ta
 (state "creating"). So after any crash the question for each id is only: does a live
 process still own it? A `sandgate run` owns its sandbox while that process lives; the
 daemon's sandboxes are owned, once ready, by their resident init. Whatever no live
-process owns is removed, whole, by destroy_sandbox.
+process owns is removed, whole, by destroy_sandbox. Only ids of this runner's own
+state are considered (see sandgate_ids).
 """
 
 from __future__ import annotations
@@ -16,16 +17,13 @@ import os
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 
-from netns import addressing, namespace
+from netns import addressing
 from nft import apply as nft_apply
 
-from . import cgroups
-from .cgroups import NAME_PREFIX as NAME_PREFIX_CGROUP
-from .cgroups import CgroupError
 from .config import RunnerConfig
 from .gateway_thread import remove_socket_dir
 from .sandbox import destroy_sandbox
-from .state import SandboxRecord, load_record, load_records, process_alive
+from .state import SandboxRecord, load_record, load_record_ids, process_alive
 from .workload import exec_socket_path
 
 Liveness = Callable[[SandboxRecord], bool]
@@ -49,40 +47,41 @@ def owner_alive(record: SandboxRecord) -> bool:
 
 
 def sandgate_ids(config: RunnerConfig) -> set[str]:
-    """Every id any kernel object, record or socket of sandgate's is named after."""
-    ids = set(namespace.sandbox_ids_present())
-    ids |= set(load_records(config.sandboxes_dir))
-    with contextlib.suppress(CgroupError, OSError):
-        ids |= {
-            name[len(NAME_PREFIX_CGROUP) :]
-            for name in cgroups.detect().list()
-            if addressing.is_sandbox_id(name[len(NAME_PREFIX_CGROUP) :])
-        }
-    nft = nft_apply.Nft()
-    if nft.table(config.table, elements=False) is not None:
-        for elems in nft_apply.sandbox_elements(nft, config.table):
-            sid = elems.host_ifname[2:]
-            if addressing.is_sandbox_id(sid):
-                ids.add(sid)
+    """The ids this runner's state names: a record in its state directory, or a socket
+    in its run directory.
+
+    Not every sg-* object on the host: another sandgate with another state directory
+    (a test's, a `sandgate run --state-dir`) owns its own, and every id has a record
+    (in somebody's state directory) from before its first kernel object until after
+    its last, so an object without a record here is not this runner's to remove.
+    `sandgate ls` shows such objects and `sandgate rm` removes them."""
+    ids = set(load_record_ids(config.sandboxes_dir))
     for sub in ("gateways", "inits"):
         try:
             names = os.listdir(config.run_dir / sub)
         except FileNotFoundError:
             continue
-        ids |= {n.removesuffix(".sock") for n in names if addressing.is_sandbox_id(n[:8])}
+        ids |= {n[:8] for n in names}
     return {i for i in ids if addressing.is_sandbox_id(i)}
 
 
-def remove_leftovers(config: RunnerConfig, sandbox_id: str, hook=None) -> None:
-    """destroy_sandbox plus the sockets a sandbox has under the run directory."""
-    destroy_sandbox(config, sandbox_id, hook)
+def remove_leftovers(
+    config: RunnerConfig, sandbox_id: str, hook=None, nft: nft_apply.Nft | None = None
+) -> dict[str, float]:
+    """destroy_sandbox plus the sockets a sandbox has under the run directory; the
+    milliseconds each phase took."""
+    timings = destroy_sandbox(config, sandbox_id, hook, nft=nft)
     remove_socket_dir(config.run_dir, sandbox_id)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(exec_socket_path(config.run_dir, sandbox_id))
+    return timings
 
 
 def reconcile(
-    config: RunnerConfig, alive: Liveness = owner_alive, skip: Container[str] = frozenset()
+    config: RunnerConfig,
+    alive: Liveness = owner_alive,
+    skip: Container[str] = frozenset(),
+    nft: nft_apply.Nft | None = None,
 ) -> Reconciled:
     """Remove every sandbox whose owner is gone; `skip` names ids being worked on (it
     may change while this runs: it is read for each id in turn, never iterated). Each
@@ -97,7 +96,7 @@ def reconcile(
             kept.append(sid)
             continue
         try:
-            remove_leftovers(config, sid)
+            remove_leftovers(config, sid, nft=nft)
             removed.append(sid)
         except Exception as exc:
             failed.append((sid, str(exc)))

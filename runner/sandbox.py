@@ -105,8 +105,17 @@ def create_sandbox(
     config: RunnerConfig,
     spec: SandboxSpec = SandboxSpec(),
     hook: PhaseHook | None = None,
+    *,
+    nft: nft_apply.Nft | None = None,
+    sandbox_firewall: Callable[[SandboxNetwork], None] | None = None,
 ) -> Sandbox:
-    """Create a sandbox's network and firewall. On any failure nothing is left behind."""
+    """Create a sandbox's network and firewall. On any failure nothing is left behind.
+
+    `nft`: the host-netns libnftables context to use (the daemon keeps one; see
+    nft.apply.Nft); a new one by default. `sandbox_firewall(net)` applies the
+    in-sandbox table; by default a thread of this process joins the netns to do it."""
+    nft = nft or nft_apply.Nft()
+    sandbox_firewall = sandbox_firewall or (lambda net: _apply_sandbox_firewall(config, net))
     timer = PhaseTimer()
     step = "allocate"
 
@@ -119,7 +128,7 @@ def create_sandbox(
     with contextlib.ExitStack() as undo:
         # Registered first so it runs last: the shared table and backstop go only
         # after this sandbox's own objects are gone, and only if no other needs them.
-        undo.callback(_release_shared, config)
+        undo.callback(_release_shared, config, nft)
         try:
             with host_lock(config.lock_path):
                 enter("allocate")
@@ -158,7 +167,6 @@ def create_sandbox(
                 enter("host-firewall")
                 with timer.phase("host-firewall"):
                     elems = _elements(net, config.gateway_port)
-                    nft = nft_apply.Nft()
                     # The backstop goes in with the shared table (the first sandbox
                     # on this host); checking it on every create would cost 2 ms each.
                     if nft_apply.ensure_host_table(nft, config.table):
@@ -168,12 +176,7 @@ def create_sandbox(
 
             enter("sandbox-firewall")
             with timer.phase("sandbox-firewall"):
-                namespace.run_in_netns(
-                    net.netns,
-                    lambda: nft_apply.apply_sandbox_table(
-                        nft_apply.Nft(), net.address.host, config.gateway_port, config.table
-                    ),
-                )
+                sandbox_firewall(net)
 
             enter("cgroup")
             with timer.phase("cgroup"):
@@ -194,6 +197,15 @@ def create_sandbox(
             raise
         undo.pop_all()
     return Sandbox(config=config, record=record, network=net, timings=timer.ms, cgroup=cgroup)
+
+
+def _apply_sandbox_firewall(config: RunnerConfig, net: SandboxNetwork) -> None:
+    namespace.run_in_netns(
+        net.netns,
+        lambda: nft_apply.apply_sandbox_table(
+            nft_apply.Nft(), net.address.host, config.gateway_port, config.table
+        ),
+    )
 
 
 def cgroup_name(sandbox_id: str) -> str:
@@ -217,16 +229,16 @@ def _ensure_backstop(port: int) -> None:
         backstop.ensure_backstop(port)
 
 
-def _release_shared(config: RunnerConfig) -> None:
+def _release_shared(config: RunnerConfig, nft: nft_apply.Nft | None = None) -> None:
     """Drop the host table and the backstop once no sandbox of this host needs them."""
     with host_lock(config.lock_path):
-        _release_shared_locked(config)
+        _release_shared_locked(config, nft)
 
 
-def _release_shared_locked(config: RunnerConfig) -> None:
+def _release_shared_locked(config: RunnerConfig, nft: nft_apply.Nft | None = None) -> None:
     if namespace.sandbox_ids_present():
         return
-    nft = nft_apply.Nft()
+    nft = nft or nft_apply.Nft()
     if (
         nft_apply.delete_host_table_if_unused(nft, config.table)
         and backstop.backstop_available()[0]
@@ -253,7 +265,11 @@ def open_sandbox(config: RunnerConfig, sandbox_id: str) -> Sandbox | None:
 
 
 def destroy_sandbox(
-    config: RunnerConfig, sandbox_id: str, hook: PhaseHook | None = None
+    config: RunnerConfig,
+    sandbox_id: str,
+    hook: PhaseHook | None = None,
+    *,
+    nft: nft_apply.Nft | None = None,
 ) -> dict[str, float]:
     """Remove every kernel object and the record of one sandbox. Idempotent.
 
@@ -271,16 +287,15 @@ def destroy_sandbox(
 
     enter("processes")
     with timer.phase("processes"):
-        cgroup = _find_cgroup(sandbox_id, load_record(config.sandboxes_dir, sandbox_id))
+        record = load_record(config.sandboxes_dir, sandbox_id)
+        cgroup = _find_cgroup(sandbox_id, record)
         if cgroup is not None:
             cgroup.destroy()
     enter("host-firewall")
     with timer.phase("host-firewall"):
-        nft = nft_apply.Nft()
-        if nft.table(config.table) is not None:
-            for elems in nft_apply.sandbox_elements(nft, config.table):
-                if elems.host_ifname == ifname:
-                    nft_apply.delete_sandbox(nft, elems, config.table)
+        nft = nft or nft_apply.Nft()
+        if nft.table(config.table, elements=False) is not None:
+            _delete_elements(nft, config, ifname, record)
     enter("network")
     with timer.phase("network"):
         namespace.destroy_network(sandbox_id)
@@ -289,8 +304,31 @@ def destroy_sandbox(
         delete_record(config.sandboxes_dir, sandbox_id)
     enter("shared-cleanup")
     with timer.phase("shared-cleanup"):
-        _release_shared(config)
+        _release_shared(config, nft)
     return timer.ms
+
+
+def _delete_elements(
+    nft: nft_apply.Nft, config: RunnerConfig, ifname: str, record: SandboxRecord | None
+) -> None:
+    """The sandbox's elements: those its record names, in one transaction; without a
+    record, or if they are not what the table holds, those the table lists for its
+    interface (a whole listing: its cost grows with the number of sandboxes)."""
+    if record is not None and record.host_ifname == ifname:
+        elems = SandboxElements(
+            host_ifname=ifname,
+            sandbox_addr=IPv4Address(record.sandbox_addr),
+            gateway_addr=IPv4Address(record.gateway_addr),
+            gateway_port=record.gateway_port,
+        )
+        try:
+            nft_apply.delete_sandbox(nft, elems, config.table)
+            return
+        except nft_apply.NftError:
+            pass
+    for elems in nft_apply.sandbox_elements(nft, config.table):
+        if elems.host_ifname == ifname:
+            nft_apply.delete_sandbox(nft, elems, config.table)
 
 
 def list_sandboxes(config: RunnerConfig) -> list[dict]:

@@ -144,7 +144,7 @@ def delete_record(directory: Path, sandbox_id: str) -> None:
 def host_lock(path: Path) -> Iterator[None]:
     """Serialise allocation and shared-table changes between sandgate processes on this host."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
