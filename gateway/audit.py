@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import secrets as _secrets
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -108,6 +109,9 @@ if list(AuditRecord("", "", "", time="").as_dict()) != [f.name for f in fields(A
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
+ROTATION_CHECK_S = 1.0
+
+
 class AuditLog:
     """An append-only JSON-lines file. The parent directory is created (mode 0750)
     if missing; the file is created with mode 0640."""
@@ -117,13 +121,34 @@ class AuditLog:
         parent = os.path.dirname(path)
         if parent:
             os.makedirs(parent, mode=0o750, exist_ok=True)
-        self._fd: int | None = os.open(
-            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
-        )
+        self._fd: int | None = self._open()
+        self._checked = time.monotonic()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def _follow_rotation(self) -> None:
+        """At most once a second: if the path no longer names the file being written
+        (logrotate renamed it), start a new file there. A long-running gateway would
+        otherwise write on into the rotated file."""
+        now = time.monotonic()
+        if now - self._checked < ROTATION_CHECK_S:
+            return
+        self._checked = now
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(self._fd)
+        if current is None or (current.st_ino, current.st_dev) != (mine.st_ino, mine.st_dev):
+            fd = self._open()
+            os.close(self._fd)
+            self._fd = fd
 
     def write(self, record: AuditRecord) -> None:
         if self._fd is None:
             raise ValueError("the audit log is closed")
+        self._follow_rotation()
         view = memoryview(record.to_line())
         while view:
             view = view[os.write(self._fd, view) :]

@@ -109,3 +109,23 @@ def test_query_values_never_reach_the_audit_path():
     assert audit_path("/a/b") == "/a/b"
     assert audit_path("/q?access_token=s3cr3t&x=1&flag") == "/q?access_token=***&x=***&flag"
     assert "s3cr3t" not in audit_path("/q?a=b&token=s3cr3t")
+
+
+def test_a_rotated_log_is_followed_within_a_second(tmp_path, monkeypatch):
+    import gateway.audit as audit_module
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path))
+    clock = [1000.0]
+    monkeypatch.setattr(audit_module.time, "monotonic", lambda: clock[0])
+    log._checked = clock[0]
+    log.write(AuditRecord("r1", "1a2b3c4d", "tcp", decision="deny"))
+    os.rename(path, tmp_path / "audit.jsonl.1")  # logrotate's default: rename
+    log.write(AuditRecord("r2", "1a2b3c4d", "tcp", decision="deny"))  # within the second
+    clock[0] += 1.5
+    log.write(AuditRecord("r3", "1a2b3c4d", "tcp", decision="deny"))
+    log.close()
+    rotated = (tmp_path / "audit.jsonl.1").read_text().splitlines()
+    fresh = path.read_text().splitlines()
+    assert [json.loads(x)["request_id"] for x in rotated] == ["r1", "r2"]
+    assert [json.loads(x)["request_id"] for x in fresh] == ["r3"]
