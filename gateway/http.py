@@ -2,16 +2,23 @@
 bytes out, or `BadRequest`; and the bytes the proxy sends (the rebuilt upstream head,
 chunk framing, its own short answers). No sockets here (python-hyper/h11's shape).
 
-h11 parses the request line and headers and frames the body. It is deliberately
-lenient in ways a proxy cannot afford: in 0.16 it accepts bare LF line endings,
-control bytes (\\x01-\\x08, \\x0e-\\x1f, \\x7f) in header values, obs-fold continuation
-lines (it joins them), Content-Length repeated with an equal value or as a list
-("5, 5"), Content-Length together with Transfer-Encoding (it lets chunked win, the
-classic request-smuggling pair), chunk extensions with any bytes in them, trailer
-fields, and any "HTTP/d.d" version. So the raw head is validated here first, and the
-raw chunked body is validated (`_ChunkedValidator`) before h11 sees it; h11 then
-parses exactly what passed. Anything outside what this module accepts is a
-`BadRequest` and nothing of the request is forwarded.
+h11 frames the body. It is deliberately lenient in ways a proxy cannot afford: in
+0.16 it accepts bare LF line endings, control bytes (\\x01-\\x08, \\x0e-\\x1f, \\x7f) in
+header values, obs-fold continuation lines (it joins them), Content-Length repeated
+with an equal value or as a list ("5, 5"), Content-Length together with
+Transfer-Encoding (it lets chunked win, the classic request-smuggling pair), chunk
+extensions with any bytes in them, trailer fields, and any "HTTP/d.d" version. So the
+head is parsed and validated here, and the raw chunked body is validated
+(`_ChunkedValidator`) before h11 sees it. h11 is given the head only when there is a
+body to frame (parsing a head costs it more than the rest of a small request): its
+grammar for the request line and header fields is the same as this module's or looser
+in every part, so it reads the same request from any head that passed
+(tests/unit/test_http_front.py checks this on mutated heads). Anything outside what
+this module accepts is a `BadRequest` and nothing of the request is forwarded.
+
+A head that arrives whole in the first bytes is checked by one regular expression
+(`_WELL_FORMED_HEAD`) and then only split; one that does not match, or arrives in
+pieces, is checked line by line, which also says what is wrong with it.
 
 What is accepted (a forward proxy, one request per client connection):
 - absolute-form `http://host[:port]/path?query` (port 80 by default) and CONNECT
@@ -109,6 +116,14 @@ _BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
 _ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?]*)(.*)", re.DOTALL)
 _PORT = re.compile(r"[0-9]{1,5}")
+# A head that is certainly well formed: request line (checked further by _REQUEST_LINE),
+# then header fields `name: value` with no control character but HT in the value, each
+# line ending in CRLF, no folding; group 1 is the request line. What does not match is
+# parsed line by line, which says what is wrong with it.
+_WELL_FORMED_HEAD = re.compile(
+    rb"(" + _TOKEN + rb" [\x21-\x7e]+ HTTP/[0-9]\.[0-9])\r\n"
+    rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*\r\n"
+)
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,%d}\r\n" % MAX_CHUNK_SIZE_DIGITS)
 
 
@@ -192,7 +207,8 @@ class RequestReader:
         self._scanned = 0
         self._eof = False
         self._request: ProxyRequest | None = None
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
+        self._head = b""
+        self._h11: h11.Connection | None = None  # made for the body, see _body_parser
         self._chunks: _ChunkedValidator | None = None
         self._limit: int | None = None
         self._done = False
@@ -224,6 +240,17 @@ class RequestReader:
     def _read_head(self) -> ProxyRequest | Sentinel:
         buf = self._buf
         end = buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
+        if end >= 0 and self._scanned == 0:
+            # The whole head in the first bytes (the usual case): one match says it is
+            # well formed; anything else takes the way below, which finds what is wrong.
+            head = bytes(buf[: end + 4])
+            m = _WELL_FORMED_HEAD.fullmatch(head)
+            if m is not None and m.end(1) <= MAX_REQUEST_LINE:
+                block = head[m.end(1) + 2 : -4]
+                lines = block.split(b"\r\n") if block else []
+                if len(block) + 2 <= MAX_HEADER_BLOCK and len(lines) <= MAX_HEADERS:
+                    del buf[: end + 4]
+                    return self._have_head(head, m.group(1), lines, well_formed=True)
         head_len = end + 4 if end >= 0 else len(buf)
         # Bare CR/LF are refused as soon as they arrive, so a client using bare LF
         # gets its 400 now rather than the proxy waiting for a CRLFCRLF that never
@@ -245,19 +272,29 @@ class RequestReader:
             return NEED_DATA
         head = bytes(buf[:head_len])
         del buf[:head_len]
-        self._request = self._parse_head(head)
+        request_line, *lines = head[:-4].split(b"\r\n")
+        if len(request_line) > MAX_REQUEST_LINE:
+            raise BadRequest(400, f"request line longer than {MAX_REQUEST_LINE} bytes")
+        if len(head) - len(request_line) - 2 > MAX_HEADER_BLOCK + 2:
+            raise BadRequest(400, f"header block larger than {MAX_HEADER_BLOCK} bytes")
+        return self._have_head(head, request_line, lines, well_formed=False)
+
+    def _have_head(
+        self, head: bytes, request_line: bytes, lines: list[bytes], *, well_formed: bool
+    ) -> ProxyRequest:
+        self._head = head
+        self._request = self._parse_head(request_line, lines, well_formed)
         if self._request.chunked:
             self._chunks = _ChunkedValidator(self._limit)
         elif not self._request.content_length:
             self._done = True
         return self._request
 
-    def _parse_head(self, head: bytes) -> ProxyRequest:
-        request_line, *lines = head[:-4].split(b"\r\n")
-        if len(request_line) > MAX_REQUEST_LINE:
-            raise BadRequest(400, f"request line longer than {MAX_REQUEST_LINE} bytes")
-        if len(head) - len(request_line) - 2 > MAX_HEADER_BLOCK + 2:
-            raise BadRequest(400, f"header block larger than {MAX_HEADER_BLOCK} bytes")
+    def _parse_head(
+        self, request_line: bytes, lines: list[bytes], well_formed: bool
+    ) -> ProxyRequest:
+        """`well_formed`: _WELL_FORMED_HEAD matched the head, so every line is known
+        to be a valid header field and only needs splitting."""
         m = _REQUEST_LINE.fullmatch(request_line)
         if m is None:
             raise BadRequest(
@@ -268,15 +305,11 @@ class RequestReader:
             raise BadRequest(505, "only HTTP/1.0 and HTTP/1.1 are accepted")
         if len(lines) > MAX_HEADERS:
             raise BadRequest(400, f"more than {MAX_HEADERS} header fields")
-        fields = [_check_header_line(line) for line in lines]
-
-        try:
-            self._h11.receive_data(head)
-            event = self._h11.next_event()
-        except h11.RemoteProtocolError as e:
-            raise BadRequest(400, f"malformed request: {_h11_reason(e)}") from None
-        if not isinstance(event, h11.Request):  # cannot happen with a complete head
-            raise BadRequest(400, "malformed request head")
+        if well_formed:
+            raw = [_split_header_line(line) for line in lines]
+        else:
+            raw = [_check_header_line(line) for line in lines]
+        fields = [(name.decode("ascii").lower(), value) for name, value in raw]
 
         version = f"{major.decode()}.{minor.decode()}"
         content_length, chunked = _framing(fields, version)
@@ -299,9 +332,7 @@ class RequestReader:
             _check_host_header(hosts[0], host, port, kind)
 
         forwarded = tuple(
-            (bytes(raw), bytes(value))
-            for raw, value in event.headers.raw_items()
-            if not _dropped(raw.decode("ascii").lower(), stripped)
+            raw[i] for i, (name, _) in enumerate(fields) if not _dropped(name, stripped)
         )
         return ProxyRequest(
             method_text, kind, host, port, path, version, forwarded, content_length, chunked
@@ -345,17 +376,18 @@ class RequestReader:
         assert req is not None
         if self._limit is not None and (req.content_length or 0) > self._limit:
             raise BadRequest(413, f"body of {req.content_length} bytes exceeds {self._limit}")
+        parser = self._h11 or self._body_parser()
         if self._buf:
             data = bytes(self._buf)
             self._buf.clear()
             if self._chunks is not None:
                 data = data[: self._chunks.check(data)]
-            self._h11.receive_data(data)
+            parser.receive_data(data)
         try:
-            event = self._h11.next_event()
+            event = parser.next_event()
             if event is h11.NEED_DATA and self._eof:
-                self._h11.receive_data(b"")
-                event = self._h11.next_event()
+                parser.receive_data(b"")
+                event = parser.next_event()
         except h11.RemoteProtocolError:
             raise BadRequest(
                 400, "the connection closed before the request body was complete"
@@ -366,6 +398,22 @@ class RequestReader:
             self._done = True
             return END_OF_BODY
         return NEED_DATA
+
+    def _body_parser(self) -> h11.Connection:
+        """h11, which frames the body, given the head first. It accepts every head this
+        module accepts (its grammar is the same or looser in each part: see
+        tests/unit/test_http_front.py), so a refusal here is a bug; it still means 400,
+        before any of the body is returned."""
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
+        try:
+            parser.receive_data(self._head)
+            event = parser.next_event()
+        except h11.RemoteProtocolError as e:
+            raise BadRequest(400, f"malformed request: {_h11_reason(e)}") from None
+        if not isinstance(event, h11.Request):  # cannot happen with a complete head
+            raise BadRequest(400, "malformed request head")
+        self._h11 = parser
+        return parser
 
 
 class _ChunkedValidator:
@@ -438,19 +486,26 @@ class _ChunkedValidator:
 # --- head helpers --------------------------------------------------------------------
 
 
-def _check_header_line(line: bytes) -> tuple[str, bytes]:
-    """(lower-case name, value) of one raw header line, or BadRequest."""
-    if line[:1] in (b" ", b"\t"):
-        raise BadRequest(400, "obsolete line folding (a header line starting with whitespace)")
-    if _CONTROL.search(line):
-        raise BadRequest(400, "control character in a header field")
+def _split_header_line(line: bytes) -> tuple[bytes, bytes]:
+    """_check_header_line for a line known to be valid."""
+    name, _, value = line.partition(b":")
+    return name, value.strip(b" \t")
+
+
+def _check_header_line(line: bytes) -> tuple[bytes, bytes]:
+    """(name as sent, value without surrounding whitespace) of one raw header line,
+    or BadRequest."""
     m = _HEADER_LINE.fullmatch(line)
-    if m is None:
+    if m is None or _CONTROL.search(line):
+        if line[:1] in (b" ", b"\t"):
+            raise BadRequest(400, "obsolete line folding (a header line starting with whitespace)")
+        if _CONTROL.search(line):
+            raise BadRequest(400, "control character in a header field")
         name, colon, _ = line.partition(b":")
         if colon and name.rstrip(b" \t") != name:
             raise BadRequest(400, "whitespace between a header name and its colon")
         raise BadRequest(400, "malformed header field: expected 'Name: value'")
-    return m.group(1).decode("ascii").lower(), m.group(2)
+    return m.group(1), m.group(2)
 
 
 def _framing(fields: list[tuple[str, bytes]], version: str) -> tuple[int | None, bool]:
@@ -507,6 +562,23 @@ def _parse_authority(text: str, *, default_port: int | None) -> tuple[str, int]:
 
 
 def _split_authority(text: str) -> tuple[str, int | None]:
+    """(canonical host, port or None) of `host[:port]`, or BadRequest. Remembered
+    for the most recent AUTHORITY_CACHE_SIZE texts: a pure function of the text, and
+    reading an IP literal in every spelling is most of the cost of parsing a head."""
+    found = _authorities.get(text)
+    if found is None:
+        found = _parse_authority_text(text)
+        if len(_authorities) >= AUTHORITY_CACHE_SIZE:
+            _authorities.clear()
+        _authorities[text] = found
+    return found
+
+
+AUTHORITY_CACHE_SIZE = 1024
+_authorities: dict[str, tuple[str, int | None]] = {}
+
+
+def _parse_authority_text(text: str) -> tuple[str, int | None]:
     if text.startswith("["):
         close = text.find("]")
         if close < 0:

@@ -30,18 +30,29 @@ Each connection carries one request (plain HTTP is sent upstream with
 client connection is closed too), so every decision is one audit line, written
 when the connection ends (a refusal, at once).
 
-Moving bytes. Tunnels and plain-HTTP responses are relayed by two pumps, one per
-direction, that run on the event loop (a plain-HTTP request without a body needs
-only the response's, which then runs in the connection's own task); one loop timer
-per relay enforces the idle and total timeouts. A tunnel pump uses splice(2)
+Connections and transports. Each listener is registered with the loop once and
+accepts up to ACCEPT_BATCH queued connections per wake-up; every connection then
+becomes an event-loop transport (_Stream), registered with epoll once for its life,
+and the plain-HTTP upstream connection is made by the loop's own connect. (uvloop's
+sock_* calls register and unregister the descriptor around every single wait, a dozen
+epoll_ctl calls and as many loop iterations per request; its own server accepts one
+connection per loop iteration.) A CONNECT tunnel, and the git gateway, take the client
+connection back as a socket of their own (_Stream.detach). One loop timer per
+connection enforces, in turn, the head timeout, each connect timeout and the relay's
+idle and total timeouts (_Deadlines).
+
+Moving bytes. A plain-HTTP response is relayed from the transports' callbacks as it
+arrives (_Stream.pipe), reading from the upstream only while the client has taken
+everything sent so far, and the status line is read for the log; a request body is
+decoded and re-framed by a second pump. Tunnels are relayed by two pumps, one per
+direction, that run on the event loop. A tunnel pump uses splice(2)
 (socket -> pipe -> socket, zero-copy) on non-blocking sockets, waiting with
 add_reader and add_writer: it reads at most one pipe's worth and does not read
 again until that is written, so a slow receiver stops the sender through TCP flow
 control, and no thread is needed per tunnel (a thread per tunnel would cost a stack
 and a kernel task per connection and would need its own idle/total timeout
 machinery). When a socket does not support splice (EINVAL) the pump falls back to
-recv/send. The plain-HTTP response uses recv/send so the status line can be read
-for the log.
+recv/send.
 Upload bytes (tunnel client->upstream, plain-HTTP head and body) are charged to the
 sandbox's budget before they are written: when it runs out, the connection is
 closed, and a chunked body then never gets its terminating 0-chunk.
@@ -65,7 +76,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import ip_address
 from typing import Any
 
@@ -110,6 +121,9 @@ REFUSED_HEAD_TIMEOUT = 2.0  # over the connection cap: read the head only briefl
 LINGER_TIMEOUT = 1.0
 LINGER_BYTES = 256 * 1024
 ACCEPT_BATCH = 16  # connections taken from a listener's queue per wake-up, at most
+LISTEN_BACKLOG = 128
+ACCEPT_RETRY = 0.1  # seconds without accepting after running out of descriptors
+MAX_BUFFERED = 64 * 1024  # received from a connection and not yet taken (_Stream)
 _RESPONSE_STATUS = re.compile(rb"HTTP/1\.[01] ([0-9]{3})")
 
 
@@ -128,7 +142,12 @@ class GatewayConfig:
 
     `resolve_cache_ttl`: how long (seconds) the gateway reuses a name's addresses
     from a blocking lookup before asking the resolver again (0: never reuse); the
-    addresses are checked again on every use, and failures are never reused."""
+    addresses are checked again on every use, and failures are never reused.
+
+    `on_record`: called on the loop thread with every AuditRecord right after its line
+    is written to the audit log (for counters: decisions by rule, bytes, rate-limit
+    hits). It must be quick and must not keep or modify the record; whatever it raises
+    is logged and ignored, never failing a request."""
 
     audit_path: str = DEFAULT_AUDIT_PATH
     resolver: Resolver = system_resolver
@@ -146,6 +165,7 @@ class GatewayConfig:
     git_max_push_body: int = DEFAULT_MAX_PUSH_BODY
     git_max_fetch_body: int = DEFAULT_MAX_FETCH_BODY
     git_max_response: int = DEFAULT_MAX_RESPONSE
+    on_record: Callable[[AuditRecord], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +209,7 @@ class _Exchange:
     responded: bool = False  # bytes of a response reached the client
     audit: bool = True
     status_sniff: bytearray = field(default_factory=bytearray)
+    deadlines: _Deadlines = field(init=False)
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
@@ -234,9 +255,10 @@ class _Sandbox:
     limits: SandboxLimits
     denials: deque[dict[str, Any]]
     listeners: list[socket.socket] = field(default_factory=list)
-    accept_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     connections: set[asyncio.Task[None]] = field(default_factory=set)
     unix_path: str | None = None
+    tcp_addr: str | None = None  # the TCP listener's address: one of the gateway's own
+    stopped: bool = False
 
 
 class Gateway:
@@ -288,6 +310,7 @@ class Gateway:
                 sock = _tcp_listener(*tcp)
                 sandbox.listeners.append(sock)
                 tcp_bound = sock.getsockname()[:2]
+                sandbox.tcp_addr = tcp_bound[0]
                 self._start_accepting(sandbox, sock, "tcp")
             if unix_path is not None:
                 sock = _unix_listener(unix_path)
@@ -315,6 +338,34 @@ class Gateway:
         self._resolver_pool.shutdown(wait=False, cancel_futures=True)
         self._audit.close()
 
+    def update_policy(self, sandbox_id: str, policy: Policy) -> None:
+        """Give a running sandbox a new policy (`sandgate reload --apply-to-running`):
+        every later request is decided by it. Its open connections and the upload it
+        has used so far carry over to the new limits; the rate bucket starts full.
+        Exchanges in flight finish under the policy they started with. Call it on the
+        loop thread."""
+        sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is None:
+            raise KeyError(f"sandbox {sandbox_id} has no gateway endpoints")
+        limits = SandboxLimits.from_policy(policy.egress)
+        limits.connections.open = sandbox.limits.connections.open
+        limits.upload.used = sandbox.limits.upload.used
+        sandbox.policy = policy
+        sandbox.limits = limits
+
+    def set_own_addresses(self, addrs: frozenset[IPAddress | IPNetwork | str]) -> None:
+        """Replace the host's own addresses (GatewayConfig.self_addrs), e.g. when a
+        long-running daemon sees the host's addresses change. Every later request is
+        classified against the new set (the sandboxes' TCP listener addresses stay
+        included). An invalid item raises ValueError and changes nothing. Call it on
+        the loop thread."""
+        if isinstance(addrs, str | bytes):
+            raise TypeError("set_own_addresses takes a set of addresses, not one string")
+        addrs = frozenset(addrs)
+        networks = self._own_networks(addrs)  # validates before anything changes
+        self.config = replace(self.config, self_addrs=addrs)
+        self._self_networks = networks
+
     def denials(self, sandbox_id: str) -> list[dict[str, Any]]:
         """The sandbox's recent denials and errors, oldest first (audit records)."""
         sandbox = self._sandboxes.get(sandbox_id)
@@ -325,12 +376,59 @@ class Gateway:
         secrets = self._git.credentials.secrets()
         return redact(text, secrets) if text and secrets else text
 
+    def _notify(self, record: AuditRecord) -> None:
+        """GatewayConfig.on_record, if any; its errors are logged, never raised."""
+        hook = self.config.on_record
+        if hook is None:
+            return
+        try:
+            hook(record)
+        except Exception:
+            log.error(
+                "gateway: the on_record hook failed for request %s\n%s",
+                record.request_id,
+                self._redact(traceback.format_exc()),
+            )
+
     def _start_accepting(self, sandbox: _Sandbox, sock: socket.socket, endpoint: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._accept(sandbox, sock, endpoint))
-        sandbox.accept_tasks.append(task)
+        """Accept on `sock` whenever it is readable, for as long as it is open: the
+        listener is registered with the loop once (loop.sock_accept would register and
+        unregister it for every wait, and uvloop's own server takes one connection per
+        loop iteration, which ties the request rate to the loop's iteration rate)."""
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sandbox, sock, endpoint)
+
+    def _accept(self, sandbox: _Sandbox, sock: socket.socket, endpoint: str) -> None:
+        """Take up to ACCEPT_BATCH queued connections (the bound keeps a flood of new
+        connections from starving those already open); each gets a task (_serve)."""
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn = sock.accept()[0]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno == errno.ECONNABORTED:
+                    continue
+                # Out of descriptors or memory (or worse): stop accepting for a moment
+                # and leave the connections queued, rather than spin.
+                log.warning("gateway %s: accept: %s; retrying", sandbox.id, e.strerror or e)
+                loop.remove_reader(sock.fileno())
+                loop.call_later(ACCEPT_RETRY, self._resume_accepting, sandbox, sock, endpoint)
+                return
+            task = loop.create_task(self._serve(sandbox, conn, endpoint))
+            sandbox.connections.add(task)
+            task.add_done_callback(sandbox.connections.discard)
+
+    def _resume_accepting(self, sandbox: _Sandbox, sock: socket.socket, endpoint: str) -> None:
+        if not sandbox.stopped:
+            self._start_accepting(sandbox, sock, endpoint)
 
     async def _stop(self, sandbox: _Sandbox) -> None:
-        tasks = [*sandbox.accept_tasks, *sandbox.connections]
+        sandbox.stopped = True
+        loop = asyncio.get_running_loop()
+        for sock in sandbox.listeners:
+            loop.remove_reader(sock.fileno())
+        tasks = list(sandbox.connections)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -340,58 +438,45 @@ class Gateway:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sandbox.unix_path)
 
-    async def _accept(self, sandbox: _Sandbox, sock: socket.socket, endpoint: str) -> None:
-        loop = asyncio.get_running_loop()
-        # Connections already queued are taken at once, up to ACCEPT_BATCH in a row
-        # before waiting again: uvloop's sock_accept always waits for its poller (an
-        # epoll registration and a loop iteration per connection). Under load, taking
-        # a batch per wake-up cut the CPU per request by about a quarter
-        # (tests/bench/bench_gateway.py). The bound keeps a flood of new connections
-        # from starving those already open.
-        in_a_row = 0
-        while True:
-            try:
-                conn = _accept_ready(sock) if in_a_row < ACCEPT_BATCH else None
-                if conn is None:
-                    in_a_row = 0
-                    conn, _ = await loop.sock_accept(sock)
-                else:
-                    in_a_row += 1
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("gateway %s: accept: %s; retrying", sandbox.id, e.strerror)
-                    await asyncio.sleep(0.1)
-                    continue
-                if e.errno == errno.ECONNABORTED:
-                    continue
-                raise
-            conn.setblocking(False)
-            task = loop.create_task(self._serve(sandbox, conn, endpoint))
-            sandbox.connections.add(task)
-            task.add_done_callback(sandbox.connections.discard)
-
     # --- one connection ----------------------------------------------------------------
 
-    async def _serve(self, sandbox: _Sandbox, client: socket.socket, endpoint: str) -> None:
+    async def _serve(self, sandbox: _Sandbox, conn: socket.socket, endpoint: str) -> None:
         ex = _Exchange(
             AuditRecord(new_request_id(), sandbox.id, endpoint),
             counted=sandbox.limits.open_connection(),
         )
         record = ex.record
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        config = self.config
+        head_limit = config.head_timeout if ex.counted else REFUSED_HEAD_TIMEOUT
+        first = min(head_limit, config.connect_timeout, config.idle_timeout)
+        deadlines = ex.deadlines = _Deadlines(loop, task, first)
+        deadlines.limit("head", head_limit)
+        client = _Stream(loop)
         try:
-            if client.family != socket.AF_UNIX:
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # The accepted socket becomes a transport (see _Stream); from here on the
+            # transport owns its descriptor.
+            await loop.connect_accepted_socket(lambda: client, conn)
             await self._handle(sandbox, client, ex)
         except _Refusal as r:
+            deadlines.limit(None)  # _refuse keeps its own time
             r.reason, r.hint = self._redact(r.reason), self._redact(r.hint)
             record.decision, record.rule, record.reason = r.decision, r.rule, r.reason
             if not ex.responded:
                 record.status = r.status
                 await self._refuse(client, r, record)
         except asyncio.CancelledError:
-            closed = "closed: the sandbox was removed"
-            record.reason = f"{record.reason}; {closed}" if record.reason else closed
-            raise
+            expired = deadlines.expired()
+            if expired is None:
+                closed = "closed: the sandbox was removed"
+                record.reason = f"{record.reason}; {closed}" if record.reason else closed
+                raise
+            # Every limit is caught where it applies; this one was not (a bug): the
+            # exchange ends, counted as an error.
+            log.error("gateway %s: request %s: %s limit", sandbox.id, record.request_id, expired)
+            record.decision, record.reason = "error", f"internal error: {expired} limit"
         except OSError as e:
             if record.decision != "allow":
                 record.decision = "error"
@@ -409,8 +494,11 @@ class Gateway:
                 with contextlib.suppress(Exception):
                     await self._refuse(client, _Refusal(500, "error", "", "internal error"), record)
         finally:
+            deadlines.cancel()
             if ex.counted:
                 sandbox.limits.close_connection()
+            if client.transport is None:
+                conn.close()
             client.close()
             record.duration_ms = round((time.monotonic() - ex.started) * 1000)
             if record.reason:
@@ -419,10 +507,11 @@ class Gateway:
                 self._audit.write(record)
                 if record.decision != "allow":
                     sandbox.denials.append(record.as_dict())
+                self._notify(record)
 
-    async def _handle(self, sandbox: _Sandbox, client: socket.socket, ex: _Exchange) -> None:
+    async def _handle(self, sandbox: _Sandbox, client: _Stream, ex: _Exchange) -> None:
         record = ex.record
-        unix = client.family == socket.AF_UNIX
+        unix = record.endpoint == "unix"
         # Origin-form is for the gateway itself: the git gateway on both endpoints, the
         # in-sandbox API on the Unix socket only.
         reader = RequestReader(allow_origin_form=True)
@@ -436,7 +525,7 @@ class Gateway:
                 record.path = audit_path(req.path)
                 self._admit(sandbox, ex)
                 try:
-                    await self._git.serve(sandbox, client, reader, req, ex)
+                    await self._git.serve(sandbox, self._detach(client, reader), reader, req, ex)
                 except GitRefused as g:
                     raise _Refusal(
                         g.status, g.decision, g.rule, g.reason, g.hint, g.headers
@@ -474,16 +563,33 @@ class Gateway:
             # Body bytes that came with the head are checked before anything is dialed,
             # so a malformed or oversized body in the first packet reaches nothing.
             early = _buffered_body_events(reader, decision)
-        upstream, addr = await self._connect(sandbox, req.target_host, req.port)
+        if req.is_connect:
+            sock, addr = await self._connect(sandbox, req.target_host, req.port)
+            record.decision, record.reason = "allow", decision.reason
+            record.addr = str(addr)
+            try:
+                await self._tunnel(sandbox, self._detach(client, reader), sock, reader, ex)
+            finally:
+                sock.close()
+            return
+        addrs = await self._resolve(sandbox, req.target_host, req.port)
+        upstream, addr = await self._dial_stream(addrs, req.target_host, req.port, ex)
         record.decision, record.reason = "allow", decision.reason
         record.addr = str(addr)
         try:
-            if req.is_connect:
-                await self._tunnel(sandbox, client, upstream, reader, ex)
-            else:
-                await self._forward(sandbox, client, upstream, reader, req, decision, early, ex)
+            await self._forward(sandbox, client, upstream, reader, req, decision, early, ex)
         finally:
             upstream.close()
+
+    @staticmethod
+    def _detach(client: _Stream, reader: RequestReader) -> socket.socket:
+        """The client connection as a socket, for code that works on sockets (the
+        tunnel's splice, the git gateway); what arrived after the head goes to `reader`."""
+        sock = client.detach()
+        rest = client.take()
+        if rest:
+            reader.feed(rest)
+        return sock
 
     def _admit(self, sandbox: _Sandbox, ex: _Exchange) -> None:
         """The sandbox's request rate and connection cap (429)."""
@@ -504,24 +610,28 @@ class Gateway:
             )
 
     async def _read_head(
-        self, client: socket.socket, reader: RequestReader, ex: _Exchange
+        self, client: _Stream, reader: RequestReader, ex: _Exchange
     ) -> ProxyRequest | None:
-        recv = _Receiver(client)
-        limit = self.config.head_timeout if ex.counted else REFUSED_HEAD_TIMEOUT
+        """The request head, within the "head" limit set by _serve; None if the client
+        closed without sending a byte."""
+        recv = client.recv
         try:
-            async with asyncio.timeout(limit):
-                while True:
-                    event = reader.next_event()
-                    if isinstance(event, ProxyRequest):
-                        return event
-                    data = await recv()
-                    if not data and not ex.received:
-                        return None
-                    ex.received += len(data)
-                    reader.feed(data)
+            while True:
+                event = reader.next_event()
+                if isinstance(event, ProxyRequest):
+                    ex.deadlines.limit(None)
+                    return event
+                data = await recv()
+                if not data and not ex.received:
+                    return None
+                ex.received += len(data)
+                reader.feed(data)
         except BadRequest as e:
             raise _Refusal(e.status, "deny", "http.malformed", e.reason) from None
-        except TimeoutError:
+        except asyncio.CancelledError:
+            if ex.deadlines.expired() != "head":
+                raise
+            limit = self.config.head_timeout if ex.counted else REFUSED_HEAD_TIMEOUT
             raise _Refusal(
                 408, "deny", "http.head_timeout", f"no complete request head within {limit:g}s"
             ) from None
@@ -583,14 +693,15 @@ class Gateway:
             self._resolved.put(host, port, answers)
         return answers
 
-    def _own_networks(self) -> tuple[IPNetwork, ...]:
-        listening = {
-            sock.getsockname()[0]
-            for sandbox in self._sandboxes.values()
-            for sock in sandbox.listeners
-            if sock.family in (socket.AF_INET, socket.AF_INET6)
-        }
-        return as_networks({*self.config.self_addrs, *(ip_address(a) for a in listening)})
+    def _own_networks(
+        self, addrs: frozenset[IPAddress | IPNetwork | str] | None = None
+    ) -> tuple[IPNetwork, ...]:
+        """`addrs` (by default the configured own addresses) and every sandbox's TCP
+        listener address, as networks."""
+        if addrs is None:
+            addrs = self.config.self_addrs
+        listening = {sandbox.tcp_addr for sandbox in self._sandboxes.values() if sandbox.tcp_addr}
+        return as_networks({*addrs, *(ip_address(a) for a in listening)})
 
     async def _dial(
         self, addrs: list[IPAddress], host: str, port: int
@@ -618,16 +729,55 @@ class Gateway:
                 raise
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock, addr
+        raise self._dial_failed(addrs, host, port, timed_out, last_error)
+
+    async def _dial_stream(
+        self, addrs: list[IPAddress], host: str, port: int, ex: _Exchange
+    ) -> tuple[_Stream, IPAddress]:
+        """_dial for a plain-HTTP request: the connection as a _Stream (the loop's own
+        connect; a numeric address is never looked up), each attempt within the
+        exchange's "connect" limit."""
+        loop = asyncio.get_running_loop()
+        deadlines = ex.deadlines
+        timed_out, last_error = False, None
+        for addr in addrs:
+            family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+            deadlines.limit("connect", self.config.connect_timeout)
+            try:
+                _, stream = await loop.create_connection(
+                    functools.partial(_Stream, loop), str(addr), port, family=family
+                )
+            except asyncio.CancelledError:
+                if deadlines.expired() != "connect":
+                    raise
+                timed_out = True
+                continue
+            except OSError as e:
+                last_error = e
+                continue
+            finally:
+                deadlines.limit(None)
+            return stream, addr
+        raise self._dial_failed(addrs, host, port, timed_out, last_error)
+
+    def _dial_failed(
+        self,
+        addrs: list[IPAddress],
+        host: str,
+        port: int,
+        timed_out: bool,
+        last_error: OSError | None,
+    ) -> _Refusal:
         where = f"{host}:{port} ({', '.join(map(str, addrs))})"
         if last_error is None and timed_out:
-            raise _Refusal(
+            return _Refusal(
                 504,
                 "error",
                 "connect",
                 f"connecting to {where} timed out after {self.config.connect_timeout:g}s",
             )
         why = last_error.strerror if last_error and last_error.strerror else str(last_error)
-        raise _Refusal(502, "error", "connect", f"cannot connect to {where}: {why}")
+        return _Refusal(502, "error", "connect", f"cannot connect to {where}: {why}")
 
     # --- relaying ----------------------------------------------------------------------
 
@@ -644,7 +794,9 @@ class Gateway:
         ex.responded, ex.record.status = True, 200
         early = reader.trailing_data()  # a client may send its TLS hello without waiting
         if early:
-            await self._send_up(sandbox, upstream, early, ex)
+            self._charge(sandbox, len(early), ex)
+            await loop.sock_sendall(upstream, early)
+            ex.record.bytes_up += len(early)
 
         def up(n: int) -> None:
             self._charge(sandbox, n, ex)
@@ -661,8 +813,8 @@ class Gateway:
     async def _forward(
         self,
         sandbox: _Sandbox,
-        client: socket.socket,
-        upstream: socket.socket,
+        client: _Stream,
+        upstream: _Stream,
         reader: RequestReader,
         req: ProxyRequest,
         decision: Decision,
@@ -670,12 +822,6 @@ class Gateway:
         ex: _Exchange,
     ) -> None:
         await self._send_up(sandbox, upstream, http.serialize_request_head(req), ex)
-
-        def down(n: int) -> None:
-            ex.touch()
-            ex.responded = True
-            ex.record.bytes_down += n
-
         # Without a body (most requests) the upload pump would have nothing to do:
         # only the response is relayed, without a second task.
         bodiless = not req.chunked and len(early) == 1 and early[0] is http.END_OF_BODY
@@ -684,15 +830,36 @@ class Gateway:
             None
             if bodiless
             else self._send_body(sandbox, client, upstream, reader, req, decision, early, ex),
-            self._copy(upstream, client, down, sniff=ex),
+            self._respond(upstream, client, ex),
             both=False,
         )
+
+    async def _respond(self, upstream: _Stream, client: _Stream, ex: _Exchange) -> None:
+        """Relay the response as it arrives, until the upstream's end and every byte
+        has been sent to the client (which the caller then closes: no half-close first,
+        closing sends the same FIN). The status for the audit record is taken from the
+        first bytes."""
+        record = ex.record
+
+        def down(data: bytes) -> None:
+            ex.touch()
+            ex.responded = True
+            record.bytes_down += len(data)
+            if len(ex.status_sniff) < 8192:
+                ex.status_sniff += data[:8192]
+                record.status = _response_status(bytes(ex.status_sniff))
+
+        try:
+            await upstream.pipe(client, down)
+        finally:
+            upstream.unpipe()
+        await client.drain()  # the caller closes it now: the end of the response
 
     async def _send_body(
         self,
         sandbox: _Sandbox,
-        client: socket.socket,
-        upstream: socket.socket,
+        client: _Stream,
+        upstream: _Stream,
         reader: RequestReader,
         req: ProxyRequest,
         decision: Decision,
@@ -701,11 +868,10 @@ class Gateway:
     ) -> None:
         """Strictly decoded body, re-framed chunk by chunk; on any error the upstream
         is closed by the caller and never sees the end of the request."""
-        recv = _Receiver(client)
         while True:
             event = early.pop(0) if early else _body_event(reader, decision)
             if event is http.NEED_DATA:
-                data = await recv()
+                data = await client.recv()
                 ex.touch()
                 reader.feed(data)
             elif event is http.END_OF_BODY:
@@ -717,10 +883,10 @@ class Gateway:
                 await self._send_up(sandbox, upstream, out, ex)
 
     async def _send_up(
-        self, sandbox: _Sandbox, upstream: socket.socket, data: bytes, ex: _Exchange
+        self, sandbox: _Sandbox, upstream: _Stream, data: bytes, ex: _Exchange
     ) -> None:
         self._charge(sandbox, len(data), ex)
-        await asyncio.get_running_loop().sock_sendall(upstream, data)
+        await upstream.sendall(data)
         ex.record.bytes_up += len(data)
 
     def _charge(self, sandbox: _Sandbox, n: int, ex: _Exchange) -> None:
@@ -742,7 +908,8 @@ class Gateway:
         runs in this task."""
         loop = asyncio.get_running_loop()
         pumps = [] if up is None else [loop.create_task(up), loop.create_task(down)]
-        deadlines = _Deadlines(ex, self.config.idle_timeout, self.config.tunnel_total_timeout)
+        deadlines = ex.deadlines
+        deadlines.relay(ex, self.config.idle_timeout, self.config.tunnel_total_timeout)
         try:
             if up is None:
                 await down
@@ -761,7 +928,7 @@ class Gateway:
                     f"{ex.record.reason}; closed at the {self.config.tunnel_total_timeout:g}s limit"
                 )
         finally:
-            deadlines.cancel()  # first: nothing may time out while the pumps wind down
+            deadlines.limit(None)  # first: nothing may time out while the pumps wind down
             for task in pumps:
                 task.cancel()
             if pumps:
@@ -776,14 +943,9 @@ class Gateway:
             await self._copy(src, dst, moved)
 
     async def _copy(
-        self,
-        src: socket.socket,
-        dst: socket.socket,
-        moved: Callable[[int], None],
-        sniff: _Exchange | None = None,
+        self, src: socket.socket, dst: socket.socket, moved: Callable[[int], None]
     ) -> None:
-        """recv/send until EOF, then half-close `dst`. With `sniff`, the response status
-        is taken from the first bytes for the audit record."""
+        """recv/send until EOF, then half-close `dst`."""
         loop = asyncio.get_running_loop()
         recv = _Receiver(src)
         while True:
@@ -791,37 +953,32 @@ class Gateway:
             if not data:
                 break
             moved(len(data))
-            if sniff is not None and len(sniff.status_sniff) < 8192:
-                sniff.status_sniff += data[:8192]
-                sniff.record.status = _response_status(bytes(sniff.status_sniff))
             await loop.sock_sendall(dst, data)
         _shutdown_write(dst)
 
     # --- the proxy's own answers -------------------------------------------------------
 
-    async def _refuse(self, client: socket.socket, r: _Refusal, record: AuditRecord) -> None:
+    async def _refuse(self, client: _Stream, r: _Refusal, record: AuditRecord) -> None:
         """Send the refusal, then close gracefully: stop writing, and read (and drop)
         what the client is still sending for a moment, so that closing with unread
         data does not reset the connection before the client has read the answer."""
-        loop = asyncio.get_running_loop()
         body = _refusal_text(r, record)
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(LINGER_TIMEOUT):
-                await loop.sock_sendall(
-                    client,
+                await client.sendall(
                     http.response(r.status, body, record.request_id, extra_headers=r.headers),
                 )
-            _shutdown_write(client)
+            client.write_eof()
             drained = 0
             async with asyncio.timeout(LINGER_TIMEOUT):
                 while drained < LINGER_BYTES:
-                    data = await loop.sock_recv(client, RECV_SIZE)
+                    data = await client.recv()
                     if not data:
                         break
                     drained += len(data)
 
     async def _api(
-        self, sandbox: _Sandbox, client: socket.socket, req: ProxyRequest, request_id: str
+        self, sandbox: _Sandbox, client: _Stream, req: ProxyRequest, request_id: str
     ) -> None:
         """The in-sandbox API (Unix listener only): what am I allowed, why was I denied."""
         path = req.path.split("?", 1)[0]
@@ -834,9 +991,8 @@ class Gateway:
         else:
             status, body = 404, {"error": f"no such endpoint; try {API_POLICY} or {API_DENIALS}"}
         payload = json.dumps(body, indent=2) + "\n"
-        await asyncio.get_running_loop().sock_sendall(
-            client,
-            http.response(status, payload, request_id, content_type="application/json"),
+        await client.sendall(
+            http.response(status, payload, request_id, content_type="application/json")
         )
 
 
@@ -937,14 +1093,6 @@ def _response_status(prefix: bytes) -> int | None:
         pos = end + 4
 
 
-def _accept_ready(sock: socket.socket) -> socket.socket | None:
-    """A connection from the listener's queue, or None when it is empty."""
-    try:
-        return sock.accept()[0]
-    except (BlockingIOError, InterruptedError):
-        return None
-
-
 class _Receiver:
     """loop.sock_recv(sock, RECV_SIZE), trying the socket first when that is fair.
 
@@ -972,6 +1120,249 @@ class _Receiver:
         return await self._loop.sock_recv(self._sock, RECV_SIZE)
 
 
+class _Stream(asyncio.Protocol):
+    """One connection held by an event-loop transport, for a coroutine: `recv()` and
+    `sendall()` behave as loop.sock_recv and loop.sock_sendall would on its socket
+    (sendall returns once the kernel has every byte), and `pipe()` relays what arrives
+    straight to another stream from the transport's callbacks.
+
+    Why a transport: uvloop's sock_* calls make a poll handle for every wait and close
+    it after (four epoll_ctl calls and a loop iteration per wait), while a transport's
+    socket is registered with epoll once for the connection's life, and libuv accepts,
+    connects, reads and writes in C. A small request costs a dozen such waits.
+
+    Reading is flow-controlled: at most MAX_BUFFERED bytes wait to be taken before the
+    transport stops reading, so a client that sends what the gateway does not ask for
+    (bytes after its request) fills its own TCP window, not the gateway's memory.
+    Writing: the write-buffer limits are 0, so the transport asks its writer to pause
+    as soon as anything is left unsent, and to resume when all is sent.
+
+    `detach()` hands the connection over to code that needs a socket (CONNECT's
+    splice, the git gateway): a duplicate of the descriptor, after which recv and
+    sendall use it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._read_paused = False
+        self._eof = False
+        self._lost = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None  # recv() waiting for bytes
+        self._write_paused = False
+        self._writable: asyncio.Future[None] | None = None  # sendall() waiting to drain
+        self._on_data: Callable[[bytes], None] | None = None  # pipe(): this is the source
+        self._piped: asyncio.Future[None] | None = None
+        self._pipe_dst: _Stream | None = None
+        self._pipe_src: _Stream | None = None  # pipe(): this is the destination
+        self._sock: socket.socket | None = None  # after detach()
+
+    # --- the protocol's side ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are no subclass
+        transport.set_write_buffer_limits(0, 0)
+
+    def data_received(self, data: bytes) -> None:
+        if self._on_data is not None:
+            self._relay_chunk(data)
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered >= MAX_BUFFERED and not self._read_paused:
+            self._pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        self._end_pipe(None)
+        return True  # keep the transport open: the answer may still be on its way
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._sock is not None:
+            return  # detached: the transport closed its descriptor, not the connection
+        self._lost, self._eof = True, True
+        self._error = exc
+        self._wake_reader()
+        self._end_pipe(exc)
+        error = exc or BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_exception(error)
+        if self._pipe_src is not None:
+            self._pipe_src._end_pipe(error)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._pipe_src is not None:
+            self._pipe_src._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        if self._pipe_src is not None:
+            self._pipe_src._resume_reading()
+
+    # --- the coroutine's side --------------------------------------------------------
+
+    async def recv(self) -> bytes:
+        """What has arrived (at most MAX_BUFFERED bytes, or RECV_SIZE once detached),
+        waiting for something if nothing has; b"" at the end of the stream."""
+        if self._sock is not None:
+            return await self._loop.sock_recv(self._sock, RECV_SIZE)
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            self._resume_reading()
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return self.take()
+
+    def take(self) -> bytes:
+        """The bytes received and not taken yet, without waiting."""
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        self._resume_reading()
+        return data
+
+    async def sendall(self, data: bytes) -> None:
+        if self._sock is not None:
+            await self._loop.sock_sendall(self._sock, data)
+            return
+        self._check_writable()
+        assert self.transport is not None
+        self.transport.write(data)
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Until every byte written has been handed to the kernel."""
+        while self._write_paused and self._sock is None:
+            self._check_writable()
+            writable = self._writable = self._loop.create_future()
+            try:
+                await writable
+            finally:
+                self._writable = None
+
+    def write_eof(self) -> None:
+        """Half-close: no more bytes will be sent (after the buffered ones)."""
+        if self._sock is not None:
+            _shutdown_write(self._sock)
+        elif self.transport is not None and not self._lost:
+            with contextlib.suppress(OSError, RuntimeError):
+                self.transport.write_eof()
+
+    def close(self) -> None:
+        """Close now; bytes still unsent are dropped (sendall and drain wait for them)."""
+        if self._sock is not None:
+            self._sock.close()
+        elif self.transport is not None and not self._lost:
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+    def detach(self) -> socket.socket:
+        """The connection as a non-blocking socket of its own (a duplicate descriptor;
+        the transport is closed). Bytes already received stay to be taken with take()."""
+        if self._sock is not None:
+            return self._sock
+        self._check_writable()
+        transport = self.transport
+        assert transport is not None
+        transport.pause_reading()
+        fd = os.dup(transport.get_extra_info("socket").fileno())
+        try:
+            sock = socket.socket(fileno=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        sock.setblocking(False)
+        self._sock = sock
+        transport.abort()
+        return sock
+
+    def pipe(self, dst: _Stream, on_data: Callable[[bytes], None]) -> asyncio.Future[None]:
+        """From now on, write every chunk received to `dst` as it arrives, after
+        `on_data(chunk)` (which may raise to stop). Reading pauses while `dst` has
+        bytes unsent. The future is done at the end of this stream, or fails with the
+        first error (of either connection, or of on_data). `unpipe()` when done."""
+        done = self._piped = self._loop.create_future()
+        self._on_data, self._pipe_dst, dst._pipe_src = on_data, dst, self
+        if self._chunks:
+            self._relay_chunk(self.take())
+        if dst._lost:
+            self._end_pipe(dst._error or BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE)))
+        elif self._eof:
+            self._end_pipe(self._error)
+        elif dst._write_paused:
+            self._pause_reading()
+        else:
+            self._resume_reading()
+        return done
+
+    def unpipe(self) -> None:
+        if self._pipe_dst is not None:
+            self._pipe_dst._pipe_src = None
+        self._on_data = self._piped = self._pipe_dst = None
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _relay_chunk(self, data: bytes) -> None:
+        dst = self._pipe_dst
+        assert self._on_data is not None and dst is not None
+        try:
+            self._on_data(data)
+            dst._check_writable()
+        except Exception as e:
+            self._end_pipe(e)
+            return
+        assert dst.transport is not None
+        dst.transport.write(data)
+        if dst._write_paused:
+            self._pause_reading()
+
+    def _end_pipe(self, exc: BaseException | None) -> None:
+        done = self._piped
+        if done is None or done.done():
+            return
+        self._on_data = None  # what still arrives is held (and bounded), not relayed
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    def _check_writable(self) -> None:
+        if self._lost:
+            raise self._error or BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    def _wake_reader(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and not self._lost and self._sock is None:
+            self._read_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and not self._lost and self._sock is None:
+            self._read_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+
+
 async def _wait_pumps(up: asyncio.Task[None], down: asyncio.Task[None], *, both: bool) -> None:
     """Until `down` is done (and `up` too when `both`), or one fails (its error is
     raised); the caller cancels whatever is left."""
@@ -985,50 +1376,82 @@ async def _wait_pumps(up: asyncio.Task[None], down: asyncio.Task[None], *, both:
 
 
 class _Deadlines:
-    """The idle and total timeouts of one relay, as a single loop timer that cancels
-    the relaying task when either has passed: per request, a watchdog task and
-    asyncio.timeout cost more than relaying a small response. The timer reads
-    `ex.last_activity` only when it fires, so moving bytes costs nothing extra.
+    """The time limits of one exchange as a single loop timer that cancels the
+    exchange's task when the limit in force has passed. One limit is in force at a time:
+    the head's (head_timeout), each connection attempt's (connect_timeout), the relay's
+    idle and total timeouts, or none. Per request, asyncio.timeout for each phase and a
+    timer for the relay cost more than relaying a small response.
 
-    After a CancelledError, `expired()` says whether it was this timer's doing (as
-    asyncio.timeout does: only when no other cancellation is pending)."""
+    Setting a limit costs no timer of its own: the timer is armed once, no later than
+    any limit can end (`first`), and when it fires it looks at the limit then in force
+    (the relay's idle limit reads `ex.last_activity` only then, so moving bytes costs
+    nothing extra) and re-arms itself for its end. Only a limit that ends before the
+    armed time re-arms it at once.
 
-    def __init__(self, ex: _Exchange, idle: float, total: float) -> None:
-        self._ex = ex
-        self._idle = idle
-        self._end = time.monotonic() + total
-        self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
+    After a CancelledError, `expired()` says which limit it was ("head", "connect",
+    "idle", "total"), or None when it was not this timer's doing (as asyncio.timeout
+    does: only when no other cancellation is pending)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], first: float):
+        self._loop = loop
         self._task = task
         self._cancelling = task.cancelling()
+        self._what: str | None = None
+        self._end = 0.0
+        self._relay: tuple[_Exchange, float] | None = None  # (ex, idle timeout)
         self._fired: str | None = None
-        first = min(ex.last_activity + idle - time.monotonic(), total)
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(max(first, 0), self._check)
+        self._armed = time.monotonic() + first
+        self._timer: asyncio.TimerHandle | None = loop.call_later(first, self._check)
+
+    def limit(self, what: str | None, seconds: float = 0.0) -> None:
+        """From now on, `what` may take `seconds` (None: no limit)."""
+        self._relay = None
+        self._what = what
+        if what is not None:
+            self._end = time.monotonic() + seconds
+            self._arm(self._end)
+
+    def relay(self, ex: _Exchange, idle: float, total: float) -> None:
+        """From now on, the relay's idle and total timeouts."""
+        self.limit("total", total)
+        self._relay = (ex, idle)
+        self._arm(ex.last_activity + idle)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is None or when < self._armed:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._armed = when
+            self._timer = self._loop.call_later(max(when - time.monotonic(), 0), self._check)
 
     def _check(self) -> None:
-        now = time.monotonic()
-        total_left = self._end - now
-        idle_left = self._ex.last_activity + self._idle - now
-        if total_left <= 0:
-            self._fired = "total"
-        elif idle_left <= 0:
-            self._fired = "idle"
-        else:
-            self._timer = self._loop.call_later(min(idle_left, total_left), self._check)
-            return
         self._timer = None
+        if self._what is None:
+            return  # armed again by the next limit
+        now = time.monotonic()
+        left = self._end - now
+        if left <= 0:
+            fired = self._what
+        elif self._relay is not None and self._relay[0].last_activity + self._relay[1] <= now:
+            fired = "idle"
+        else:
+            if self._relay is not None:
+                left = min(left, self._relay[0].last_activity + self._relay[1] - now)
+            self._arm(now + left)
+            return
+        self._what, self._relay, self._fired = None, None, fired
         self._task.cancel()
 
     def expired(self) -> str | None:
-        """The timeout ("idle" or "total") that cancelled the task, else None."""
+        """The limit that cancelled the task, else None (see the class)."""
         fired, self._fired = self._fired, None
         if fired is None or self._task.uncancel() > self._cancelling:
             return None
         return fired
 
     def cancel(self) -> None:
-        """Stop the timer; withdraw its cancellation if the relay ended otherwise."""
+        """Stop the timer; withdraw its cancellation if the exchange ended otherwise."""
+        self._what = self._relay = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -1132,7 +1555,7 @@ def _tcp_listener(addr: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((addr, port))
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -1164,7 +1587,7 @@ def _unix_listener(path: str) -> socket.socket:
     try:
         sock.bind(path)
         os.chmod(path, 0o666)
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()

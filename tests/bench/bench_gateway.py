@@ -330,6 +330,15 @@ def cpu_seconds(pid: int | None) -> float:
     return sum(int(x) for x in fields[11:15]) / CLK_TCK
 
 
+def sys_seconds(pid: int | None) -> float:
+    """stime (all threads) + reaped children's: the part of cpu_seconds in the kernel."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[12]) + int(fields[14])) / CLK_TCK
+
+
 def open_tunnel(t: Target, port: int) -> socket.socket:
     if t.proxy is None:
         return socket.create_connection((t.host, port), timeout=IO_TIMEOUT)
@@ -523,15 +532,17 @@ def bench_bulk(
 
 def bench_rate(
     targets: list[Target], concurrency: int, seconds: float, rounds: int, upstream_pid: int
-) -> dict[str, list[tuple[AbResult, float, float]]]:
-    """{target: [(ab result, proxy CPU s, upstream CPU s), ...]}."""
-    out: dict[str, list[tuple[AbResult, float, float]]] = {t.name: [] for t in targets}
+) -> dict[str, list[tuple[AbResult, float, float, float]]]:
+    """{target: [(ab result, proxy CPU s, upstream CPU s, proxy CPU s in the kernel), ...]}."""
+    out: dict[str, list[tuple[AbResult, float, float, float]]] = {t.name: [] for t in targets}
     for r in range(rounds):
         for t in rotated(targets, r):
+            sys_before = sys_seconds(t.pid)
             res, (proxy_cpu, up_cpu) = timed_with_cpu(
                 lambda t=t: run_ab(t, concurrency, seconds), [t.pid, upstream_pid]
             )
-            out[t.name].append((res, proxy_cpu, up_cpu))  # type: ignore[arg-type]
+            proxy_sys = sys_seconds(t.pid) - sys_before
+            out[t.name].append((res, proxy_cpu, up_cpu, proxy_sys))  # type: ignore[arg-type]
     return out
 
 
@@ -685,8 +696,8 @@ def main() -> int:
         )
         print(
             f"   {'target':<13} {'median req/s':>12} {'range':>13} {'failed':>7} "
-            f"{'non-2xx':>8} {'proxy CPU':>10} {'proxy us/req':>12} {'ab CPU':>7} "
-            f"{'upstream us/req':>15}"
+            f"{'non-2xx':>8} {'proxy CPU':>10} {'proxy us/req':>12} {'of it sys':>9} "
+            f"{'ab CPU':>7} {'upstream us/req':>15}"
         )
         med_rate = {}
         for name, samples in rate.items():
@@ -699,17 +710,21 @@ def main() -> int:
             proxy_cpu = sum(s[1] for s in samples)
             ab_cpu = sum(s[0].ab_cpu for s in samples)
             up_cpu = sum(s[2] for s in samples)
+            proxy_sys = sum(s[3] for s in samples)
             pcpu = f"{proxy_cpu / wall:.0%}" if name != "direct" else "-"
             pus = f"{proxy_cpu / reqs * 1e6:.0f}" if name != "direct" else "-"
+            psys = f"{proxy_sys / reqs * 1e6:.0f}" if name != "direct" else "-"
             print(
                 f"   {name:<13} {med_rate[name]:>12.0f} {span(rps):>13} {failed:>7} {non2xx:>8} "
-                f"{pcpu:>10} {pus:>12} {ab_cpu / wall:>7.0%} {up_cpu / reqs * 1e6:>15.0f}"
+                f"{pcpu:>10} {pus:>12} {psys:>9} {ab_cpu / wall:>7.0%} "
+                f"{up_cpu / reqs * 1e6:>15.0f}"
             )
         print(
             f"   gateway/tinyproxy {med_rate['gateway'] / med_rate['tinyproxy']:.2f}x, "
             f"gateway/tinyproxy-log {med_rate['gateway'] / med_rate['tinyproxy-log']:.2f}x, "
             f"gateway/direct {med_rate['gateway'] / med_rate['direct']:.2f}x\n"
-            "   (CPU % is of one core, over the runs' wall time; us/req is CPU per request)"
+            "   (CPU % is of one core, over the runs' wall time; us/req is CPU per request, "
+            "'of it sys' the part in the kernel)"
         )
 
         usage = Usage(pids)

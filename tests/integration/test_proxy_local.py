@@ -686,3 +686,215 @@ def test_tunnels_end_at_the_total_time_limit_even_when_busy(tmp_path, upstream, 
             assert 0.4 < time.monotonic() - started < 3
         (line,) = run.last_audit()
         assert "0.5s limit" in line["reason"]
+
+
+@pytest.mark.root
+def test_on_record_hook_sees_every_decision(tmp_path, upstream, servers) -> None:
+    seen: list[dict] = []
+    on_disk: list[bool] = []
+
+    def hook(record) -> None:
+        seen.append(record.as_dict())
+        # Called right after the line is written: it is already in the file.
+        on_disk.append(record.request_id in Path(run.audit_path).read_text())
+
+    with running_gateway(tmp_path, upstream_addr=upstream.addr, on_record=hook) as run:
+        assert exchange(run, raw_request(GET)) == OK_RESPONSE
+        denied = exchange(run, b"GET http://evil.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+        malformed = exchange(run, raw_request(GET, "X: a\x00b"))
+        lines = run.last_audit(3)
+    assert len(seen) == len(lines) == 3 and all(on_disk)
+    allowed = next(r for r in seen if r["decision"] == "allow")
+    assert (allowed["status"], allowed["rule"]) == (200, "egress.allow[0]")
+    assert allowed["bytes_down"] == len(OK_RESPONSE) and allowed["addr"] == str(upstream.addr)
+    by_id = {r["request_id"]: r for r in seen}
+    assert (by_id[request_id(denied)]["decision"], by_id[request_id(denied)]["status"]) == (
+        "deny",
+        403,
+    )
+    assert by_id[request_id(denied)]["rule"] == "default-deny"
+    assert by_id[request_id(malformed)]["status"] == 400
+    assert by_id[request_id(malformed)]["rule"] == "http.malformed"
+    assert sorted(seen, key=lambda r: r["request_id"]) == sorted(
+        lines, key=lambda r: r["request_id"]
+    )
+
+
+def test_a_failing_on_record_hook_breaks_nothing(tmp_path) -> None:
+    calls: list[str] = []
+
+    def hook(record) -> None:
+        calls.append(record.request_id)
+        raise RuntimeError("metrics are down")
+
+    with running_gateway(tmp_path, policy=make_policy(rate=0.5, burst=2), on_record=hook) as run:
+        raw = b"GET http://evil.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+        responses = [exchange(run, raw) for _ in range(3)]
+        assert [status(r) for r in responses] == [403, 403, 429]
+        lines = run.last_audit(3)
+    assert [line["request_id"] for line in lines] == calls == [request_id(r) for r in responses]
+    assert lines[-1]["rule"] == "egress.rate"
+
+
+@pytest.mark.root
+def test_own_addresses_can_be_replaced(tmp_path, upstream, servers) -> None:
+    async def set_own(addrs) -> None:
+        run.gateway.set_own_addresses(addrs)
+
+    with running_gateway(tmp_path, upstream_addr=upstream.addr) as run:
+        assert exchange(run, raw_request(GET)) == OK_RESPONSE
+        # The upstream's address becomes one of the host's own: refused from now on,
+        # whatever allow_cidrs says; nothing is dialed.
+        run.call(set_own(frozenset({str(upstream.addr)})))
+        resp = exchange(run, raw_request(GET))
+        assert status(resp) == 403
+        line = run.audit_for(request_id(resp))
+        assert (line["decision"], line["rule"]) == ("deny", "address.self")
+        resp = exchange(run, b"CONNECT upstream.test:7000 HTTP/1.1\r\nHost: upstream.test\r\n\r\n")
+        assert status(resp) == 403
+        assert len(servers["http"].conns) == 1 and servers["echo"].conns == []
+        # A network works too, and an invalid set changes nothing.
+        run.call(set_own(frozenset({"10.214.0.0/16"})))
+        with pytest.raises(ValueError):
+            run.call(set_own(frozenset({"not an address"})))
+        assert status(exchange(run, raw_request(GET))) == 403
+        assert run.gateway.config.self_addrs == frozenset({"10.214.0.0/16"})
+        run.call(set_own(frozenset()))
+        assert exchange(run, raw_request(GET)) == OK_RESPONSE
+        assert len(servers["http"].conns) == 2
+
+
+def to_port(method: str, port: int, *headers: str) -> bytes:
+    target = f"upstream.test:{port}"
+    lines = [f"{method} http://{target}/ HTTP/1.1", f"Host: {target}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_a_head_that_never_ends_is_408(tmp_path) -> None:
+    with running_gateway(tmp_path, head_timeout=0.3) as run, connect(run) as s:
+        started = time.monotonic()
+        s.sendall(b"GET http://upstream.test/ HTTP/1.1\r\nHost: upstream.test\r\n")
+        resp = read_to_eof(s)
+        assert 0.2 < time.monotonic() - started < 3
+        assert status(resp) == 408
+        line = run.audit_for(request_id(resp))
+        assert (line["decision"], line["rule"], line["status"]) == (
+            "deny",
+            "http.head_timeout",
+            408,
+        )
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_plain_http_connect_timeout_is_504(tmp_path, upstream, loop_factory) -> None:
+    full = UpstreamServer(upstream.netns, upstream.addr, FULL_PORT, "full")
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(4):  # fill the never-accepting listener's queue: SYNs are dropped
+            f = socket.socket()
+            f.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                f.connect((str(upstream.addr), FULL_PORT))
+            fillers.append(f)
+        time.sleep(0.2)
+        with running_gateway(
+            tmp_path, loop_factory, upstream_addr=upstream.addr, connect_timeout=0.5
+        ) as run:
+            started = time.monotonic()
+            resp = exchange(run, to_port("GET", FULL_PORT))
+            assert 0.4 < time.monotonic() - started < 3
+            assert status(resp) == 504
+            line = run.audit_for(request_id(resp))
+            assert (line["decision"], line["rule"]) == ("error", "connect")
+            assert "timed out after 0.5s" in line["reason"]
+    finally:
+        for f in fillers:
+            f.close()
+        full.close()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_plain_http_response_idle_and_total_limits(
+    tmp_path, upstream, servers, loop_factory
+) -> None:
+    # The echo server answers a GET with its own head and then waits for more: the
+    # response goes idle, and the gateway ends it.
+    raw = to_port("GET", ECHO_PORT)
+    with running_gateway(
+        tmp_path, loop_factory, upstream_addr=upstream.addr, idle_timeout=0.4
+    ) as run:
+        started = time.monotonic()
+        resp = exchange(run, raw)
+        assert 0.3 < time.monotonic() - started < 3
+        assert resp.startswith(b"GET / HTTP/1.1\r\nHost: upstream.test:7000\r\n")
+        (line,) = run.last_audit()
+        assert line["decision"] == "allow" and "0.4s idle" in line["reason"]
+        assert line["bytes_down"] == len(resp)
+    with running_gateway(
+        tmp_path, loop_factory, upstream_addr=upstream.addr, tunnel_total_timeout=0.4
+    ) as run:
+        started = time.monotonic()
+        exchange(run, raw)
+        assert 0.3 < time.monotonic() - started < 3
+        (_, line) = run.last_audit(2)  # the same log: after the first gateway's line
+        assert "0.4s limit" in line["reason"]
+
+
+@pytest.mark.root
+def test_plain_http_relay_holds_back_for_a_client_that_does_not_read(
+    tmp_path, upstream, servers
+) -> None:
+    # A POST to the echo server comes straight back. While the client sends and does
+    # not read, every stage must stop in turn (the gateway stops reading the upstream
+    # while the client has not taken the response; the echo server then stops reading
+    # the body; the gateway stops reading the client), so the client's send stalls
+    # instead of the gateway taking the body into memory. The socket buffers on the
+    # way can hold up to ~110 MB here (tcp_rmem's 32 MB maximum, autotuned), so the
+    # body is larger than that by far.
+    size = 256 << 20
+    block = os.urandom(1 << 20)
+    head = to_port("POST", ECHO_PORT, f"Content-Length: {size}")
+    policy = make_policy(max_body=size, upload_budget=2 * size)
+    with running_gateway(tmp_path, policy=policy, upstream_addr=upstream.addr) as run:
+        s = connect(run)
+        s.settimeout(1)
+        s.sendall(head)
+        sent = 0
+        with contextlib.suppress(TimeoutError):
+            while sent < size:
+                sent += s.send(memoryview(block)[sent % len(block) :])
+        assert sent < size * 3 // 4, sent
+        # Now read: everything arrives, intact and in order (after the echoed head).
+        received, intact = 0, True
+
+        def reader() -> None:
+            nonlocal received, intact
+            s.settimeout(30)
+            pending = bytearray()
+            with contextlib.suppress(OSError):
+                while chunk := s.recv(1 << 20):
+                    pending += chunk
+                    if received == 0:
+                        end = pending.find(b"\r\n\r\n")
+                        if end < 0:
+                            continue
+                        del pending[: end + 4]
+                    while pending:
+                        at = received % len(block)
+                        n = min(len(pending), len(block) - at)
+                        intact = intact and pending[:n] == block[at : at + n]
+                        received += n
+                        del pending[:n]
+
+        t = threading.Thread(target=reader)
+        t.start()
+        s.settimeout(30)
+        while sent < size:
+            sent += s.send(memoryview(block)[sent % len(block) :])
+        t.join(60)
+        s.close()
+        assert received == size and intact
+        (line,) = run.last_audit()
+        assert line["decision"] == "allow" and line["bytes_up"] > size

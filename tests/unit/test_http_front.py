@@ -3,6 +3,9 @@ status, and good requests come out rebuilt exactly."""
 
 from __future__ import annotations
 
+import random
+
+import h11
 import pytest
 
 from gateway.http import (
@@ -516,3 +519,98 @@ def test_encode_chunk() -> None:
     assert encode_chunk(b"hello" * 4) == b"14\r\n" + b"hello" * 4 + b"\r\n"
     assert encode_chunk(b"") == b""
     assert end_chunked() == b"0\r\n\r\n"
+
+
+# --- one head, read in one piece or byte by byte; and what h11 makes of it -----------
+# A head that arrives whole is checked by one regular expression (_WELL_FORMED_HEAD) and
+# only split; one that arrives in pieces, or does not match, is checked line by line.
+# Both ways must decide alike, and h11 (which frames bodies) must accept every head the
+# reader accepts, reading the same request from it.
+
+HEADS = [
+    get("http://example.com/", "Host: example.com"),
+    get("http://example.com:8080/p?q=1", "Host: example.com:8080", "Accept: */*"),
+    get("http://example.com/", "Host: example.com", "X-A: a\tb\xe9", "X-Empty:", "X-B:  c  "),
+    get("http://example.com/", version="1.0"),
+    get("http://[::1]:8080/", "Host: [0::1]:8080"),
+    get("http://example.com/", "Host: example.com", "Connection: close, X-Drop", "X-Drop: 1"),
+    get("http://example.com/", "Host: example.com", "Proxy-Authorization: Basic " + SECRET),
+    post("Content-Length: 5\r\n", b"hello"),
+    post("Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n\r\n"),
+    b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\nearly",
+    b"GET /_sandgate/v1/policy HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    get("http://example.com/", "Host: example.com", *[f"X-H{i}: 1" for i in range(MAX_HEADERS)]),
+    get("http://example.com/" + "a" * MAX_REQUEST_LINE, "Host: example.com"),
+    get("http://example.com/", "Host: example.com", "X-Big: " + "b" * MAX_HEADER_BLOCK),
+    get("http://example.com/", "Host: example.com", "X-A: a", " folded"),
+    get("http://example.com/", "Host: example.com", "X-A : 1"),
+    get("http://example.com/", "Host: example.com", "X-A: a\x01b"),
+    get("http://example.com/", "Host: example.com", "X-A: a\x7f"),
+    get("http://example.com/", "Host: example.com", "NoColon"),
+    get("http://example.com/", "Host: example.com", "Host: example.com"),
+    get("http://example.com/", "Host: other.example"),
+    get("http://example.com/", "Host: example.com", "Upgrade: websocket"),
+    get("http://example.com/", "Host: example.com", version="2.0"),
+    get("http://example.com/"),
+    get("https://example.com/", "Host: example.com"),
+    get("http://example.com/a\x80b", "Host: example.com"),
+    b"GET http://example.com/ HTTP/1.1\nHost: example.com\r\n\r\n",
+    b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\rX: y\r\n\r\n",
+    b"GET  http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n",
+    b"\r\nGET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n",
+    post("Content-Length: 5\r\nContent-Length: 5\r\n", b"hello"),
+    post("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"hello"),
+    post("Transfer-Encoding: gzip\r\n", b"hello"),
+]
+
+
+def outcome(raw: bytes, step: int | None = None) -> tuple:
+    """("read", the request, its body, the last event) or ("refused", status, reason)."""
+    try:
+        req, *rest = read_all(raw, step=step, allow_origin_form=True)
+    except BadRequest as e:
+        return ("refused", e.status, e.reason)
+    body = b"".join(event for event in rest if isinstance(event, bytes))
+    return ("read", req, body, rest[-1] if rest else None)
+
+
+def same_as_h11(raw: bytes, req: ProxyRequest) -> None:
+    """h11 reads the same request from the head (the headers the reader forwards are
+    h11's, in order, with the same values)."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(raw[: raw.index(b"\r\n\r\n") + 4])
+    event = conn.next_event()
+    assert isinstance(event, h11.Request), raw
+    assert (event.method.decode(), event.http_version.decode()) == (req.method, req.http_version)
+    items = list(event.headers.raw_items())
+    assert [h for h in items if h in req.headers] == list(req.headers)
+
+
+@pytest.mark.parametrize("raw", HEADS, ids=range(len(HEADS)))
+def test_a_head_is_read_alike_in_one_piece_and_byte_by_byte(raw: bytes) -> None:
+    whole = outcome(raw)
+    assert outcome(raw, step=1) == whole
+    if whole[0] == "read":
+        same_as_h11(raw, whole[1])
+
+
+def test_mutated_heads_are_read_alike_in_one_piece_and_byte_by_byte() -> None:
+    rng = random.Random(20261127)
+    alphabet = b"\x00\x01\x09\x0b\x0d\x0a\x20\x7f\x80\xff:;,/@[]?#%aZ09-_."
+    read = 0
+    for _ in range(3000):
+        raw = bytearray(rng.choice(HEADS[:11]))
+        end = raw.index(b"\r\n\r\n") + 4
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(end)
+            if rng.random() < 0.5:
+                raw[at : at + 1] = bytes([rng.choice(alphabet)])
+            else:
+                raw[at:at] = bytes([rng.choice(alphabet)])
+        raw = bytes(raw)
+        whole = outcome(raw)
+        assert outcome(raw, step=1) == whole, raw
+        if whole[0] == "read" and b"\r\n\r\n" in raw:
+            read += 1
+            same_as_h11(raw, whole[1])
+    assert read > 100  # the mutations leave many heads valid, not only broken ones
