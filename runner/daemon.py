@@ -311,6 +311,10 @@ class Daemon:
         while True:
             await asyncio.sleep(RECONCILE_INTERVAL)
             await self.reconcile_now()
+            # The host's addresses may have changed (DHCP, a new interface): the
+            # gateway never dials them, whatever a policy allows.
+            own = await self._work(addresses_in_use)
+            self.gateway.set_own_addresses(own_networks(self.config.pool, own))
 
     async def reconcile_now(self) -> list[str]:
         mine = {sid for sid, live in self.live.items() if not live.removing}
@@ -455,7 +459,7 @@ class Daemon:
                 _policy, text, origin = self.policies.by_name[name]
                 request = {**live.record.request, "policy_toml": text, "policy_origin": origin}
                 policy = self._policy_from_request(request)
-                await self.gateway.update_policy(live.id, policy)
+                self.gateway.update_policy(live.id, policy)
                 live.policy = policy
                 live.record = dataclasses.replace(live.record, request=request)
                 await self._work(save_record, self.config.sandboxes_dir, live.record)

@@ -112,11 +112,13 @@ def test_git_in_the_sandbox_is_pointed_at_the_gateway() -> None:
 
 def test_repo_flag() -> None:
     from runner.cli import build_parser
+    from runner.workload import parse_repo
 
     args = build_parser().parse_args(
         ["run", "--repo", "https://git.test/org/a.git", "--repo", f"{REPO_URL}=write", "--", "x"]
     )
-    read, write = args.repo
+    # The command line keeps the text (a daemon request sends it as is), checked.
+    read, write = (parse_repo(text) for text in args.repo)
     assert (read.url, read.access, read.refs) == ("https://git.test/org/a", "read", ())
     assert (write.url, write.access, write.refs) == (REPO_URL, "write", ("refs/heads/*",))
     assert (write.allow_tags, write.allow_delete, write.max_refs) == (False, False, 10)
