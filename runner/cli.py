@@ -678,8 +678,14 @@ def _rm_via_daemon(args: argparse.Namespace) -> int | None:
         served = {b["id"] for b in client.call({"op": "list"})["sandboxes"]}
         if not set(args.ids) <= served:
             return None if os.geteuid() == 0 else _rm_refused(args.ids, served)
-        answer = next(client.stream({"op": "destroy", "ids": list(args.ids)}))
-        results = answer["results"]
+        answer = next(client.stream({"op": "destroy", "ids": list(args.ids)}), None)
+        if answer is None:
+            # The daemon went away mid-way; its records say "removing", so it finishes
+            # the removal when it starts again (or `sandgate rm` without it does).
+            why = "the daemon went away while removing it; it finishes when it is back"
+            results = [{"id": i, "removed": False, "error": why} for i in args.ids]
+        else:
+            results = answer["results"]
     except DaemonRefused as exc:
         if exc.code == "bad_request":
             raise UsageError(f"rm: {exc}") from exc
@@ -695,7 +701,10 @@ def _rm_all_via_daemon(args: argparse.Namespace, client) -> int | None:
 
     try:
         served = [b["id"] for b in client.call({"op": "list"})["sandboxes"]]
-        results = next(client.stream({"op": "destroy", "ids": served}))["results"] if served else []
+        answer = next(client.stream({"op": "destroy", "ids": served}), None) if served else None
+        if served and answer is None:
+            raise DaemonUnavailable("the daemon went away while removing")
+        results = answer["results"] if answer else []
     except (DaemonRefused, DaemonUnavailable) as exc:
         if os.geteuid() == 0:
             return None

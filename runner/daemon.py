@@ -75,6 +75,7 @@ log = logging.getLogger("sandgate.daemon")
 
 SO_PEERGROUPS = 59  # linux/socket.h; Python has no name for it
 READY_TIMEOUT = 15.0
+REQUEST_TIMEOUT = 10.0  # a connection that sends no whole request in this is closed
 DRIFT_INTERVAL = 0.5
 RECONCILE_INTERVAL = 30.0
 # Test-only: "create:network" makes the daemon stop itself (SIGSTOP) on entering that
@@ -758,7 +759,14 @@ class Daemon:
                 )
                 return
             try:
-                message, fds = await conn.receive(with_fds=True)
+                try:
+                    message, fds = await asyncio.wait_for(
+                        conn.receive(with_fds=True), REQUEST_TIMEOUT
+                    )
+                except TimeoutError:
+                    raise ProtocolError(
+                        f"no complete request within {REQUEST_TIMEOUT:g}s"
+                    ) from None
                 if message is None:
                     return
                 try:
@@ -1191,14 +1199,23 @@ class _Conn:
         self.reader = control.FrameReader()
         self.queue: list[dict] = []
         self.eof = False
+        self._watched: int | None = None  # the fd add_reader watches for _readable
 
     async def _readable(self) -> None:
         fut = self.loop.create_future()
-        fd = self.sock.fileno()
+        fd = self._watched = self.sock.fileno()
         self.loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
         try:
             await fut
         finally:
+            self._unwatch(fd)
+
+    def _unwatch(self, fd: int) -> None:
+        # Only while the fd is still this socket's: a task cancelled at the end of a
+        # request (the signal relay, a follow) runs this after close() freed the fd,
+        # and by then the number may be another socket's, whose reader must stay.
+        if self._watched == fd:
+            self._watched = None
             self.loop.remove_reader(fd)
 
     async def receive(self, with_fds: bool = False) -> tuple[dict | None, list[int]]:
@@ -1259,6 +1276,8 @@ class _Conn:
         await self.write(control.encode(message))
 
     def close(self) -> None:
+        if self._watched is not None:
+            self._unwatch(self._watched)
         self.sock.close()
 
 

@@ -288,6 +288,10 @@ def destroy_sandbox(
     enter("processes")
     with timer.phase("processes"):
         record = load_record(config.sandboxes_dir, sandbox_id)
+        if record is not None and record.state != "removing":
+            # First: nobody (a reconcile, the daemon's drift watch) brings it back now.
+            record = dataclasses.replace(record, state="removing")
+            save_record(config.sandboxes_dir, record)
         cgroup = _find_cgroup(sandbox_id, record)
         if cgroup is not None:
             cgroup.destroy()

@@ -36,7 +36,9 @@ class SandboxRecord:
     cgroup: dict[str, str] = field(default_factory=dict)
     # "creating" from the moment its id is taken (before any kernel object exists),
     # "ready" once every object is in place: a crash in between leaves a record that
-    # says whose the objects are, so reconciling never guesses.
+    # says whose the objects are, so reconciling never guesses. "removing" once its
+    # removal began: it has no owner any more, and a crash mid-way is finished by the
+    # next reconcile (and never restored, nor repaired by the drift watch).
     state: str = "ready"
     # Who keeps it alive: "run" (a `sandgate run` process, owner_pid) or "daemon"
     # (`sandgate serve`; once ready, its resident init, init_pid, keeps it).
