@@ -206,14 +206,16 @@ def ensure_host_table(nft: Nft, table: str = TABLE) -> bool:
     Returns True if this call created it. Raises NftDrift if it exists but differs.
     """
     created = False
-    if nft.table(table) is None:
+    # Tersely (no set elements): this runs on every create, and a listing with the
+    # elements would cost more with every sandbox.
+    if nft.table(table, elements=False) is None:
         try:
             nft.run(ruleset.host_table(table), what=f"creating table {FAMILY} {table}")
             created = True
         except NftError:
             # The document creates the table exclusively: if another sandgate process won
             # the race, the table is there now and it is verified like any other.
-            if nft.table(table) is None:
+            if nft.table(table, elements=False) is None:
                 raise
     verify_host_table(nft, table)
     return created
