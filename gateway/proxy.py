@@ -700,8 +700,17 @@ class Gateway:
         listener address, as networks."""
         if addrs is None:
             addrs = self.config.self_addrs
-        listening = {sandbox.tcp_addr for sandbox in self._sandboxes.values() if sandbox.tcp_addr}
-        return as_networks({*addrs, *(ip_address(a) for a in listening)})
+        base = as_networks(addrs)
+        # A listener inside a configured network (the daemon's pool holds every host
+        # end) adds nothing: leaving it out keeps both this rebuild, on every add and
+        # remove, and each request's classification from growing with the sandboxes.
+        extra = set()
+        for sandbox in self._sandboxes.values():
+            if sandbox.tcp_addr:
+                ip = ip_address(sandbox.tcp_addr)
+                if not any(ip.version == net.version and ip in net for net in base):
+                    extra.add(ip)
+        return (*base, *as_networks(extra))
 
     async def _dial(
         self, addrs: list[IPAddress], host: str, port: int

@@ -330,6 +330,29 @@ def sandbox_ids_present() -> set[str]:
     return ids
 
 
+def any_sandbox_present() -> bool:
+    """Whether any sandbox is present, cheaply: a `sg-*` netns name ends the search at
+    once (the common case: no link dump); only without one are the links listed."""
+    try:
+        with os.scandir(NETNS_DIR) as entries:
+            if any(e.name.startswith(NETNS_PREFIX) for e in entries):
+                return True
+    except FileNotFoundError:
+        pass
+    return bool(sandbox_ids_present())
+
+
+def sandbox_present(sandbox_id: str) -> bool:
+    """Whether this one sandbox has its netns name or its host link: no dump of all links."""
+    if os.path.exists(os.path.join(NETNS_DIR, netns_name(sandbox_id))):
+        return True
+    try:
+        socket.if_nametoindex(host_ifname(sandbox_id))
+    except OSError:
+        return False
+    return True
+
+
 def addresses_in_use() -> set[IPv4Address]:
     """Every IPv4 address on any interface of this namespace, sandbox host ends included."""
     return {IPv4Address(packed) for _ifname, packed in syscalls.ipv4_addresses()}

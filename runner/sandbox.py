@@ -236,7 +236,7 @@ def _release_shared(config: RunnerConfig, nft: nft_apply.Nft | None = None) -> N
 
 
 def _release_shared_locked(config: RunnerConfig, nft: nft_apply.Nft | None = None) -> None:
-    if namespace.sandbox_ids_present():
+    if namespace.any_sandbox_present():
         return
     nft = nft or nft_apply.Nft()
     if (
@@ -249,7 +249,7 @@ def _release_shared_locked(config: RunnerConfig, nft: nft_apply.Nft | None = Non
 def open_sandbox(config: RunnerConfig, sandbox_id: str) -> Sandbox | None:
     """The sandbox with this id as the kernel and its record describe it, or None."""
     record = load_record(config.sandboxes_dir, sandbox_id)
-    if record is None or sandbox_id not in namespace.sandbox_ids_present():
+    if record is None or not namespace.sandbox_present(sandbox_id):
         return None
     address = addressing.SandboxAddress(
         host=IPv4Address(record.gateway_addr), sandbox=IPv4Address(record.sandbox_addr)
