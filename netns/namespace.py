@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import TypeVar
 
-from . import syscalls
+from . import rtnl, syscalls
 from .addressing import (
     IFNAME_PREFIX,
     NETNS_PREFIX,
@@ -355,7 +355,7 @@ def sandbox_present(sandbox_id: str) -> bool:
 
 def addresses_in_use() -> set[IPv4Address]:
     """Every IPv4 address on any interface of this namespace, sandbox host ends included."""
-    return {IPv4Address(packed) for _ifname, packed in syscalls.ipv4_addresses()}
+    return {IPv4Address(packed) for packed in rtnl.ipv4_addresses() if len(packed) == 4}
 
 
 def run_in_netns(netns: str, fn: Callable[[], T]) -> T:

@@ -133,9 +133,7 @@ def create_sandbox(
             with host_lock(config.lock_path):
                 enter("allocate")
                 with timer.phase("allocate"):
-                    sandbox_id = addressing.new_sandbox_id(
-                        namespace.sandbox_ids_present() | set(load_record_ids(config.sandboxes_dir))
-                    )
+                    sandbox_id = addressing.new_sandbox_id(_TakenIds(config))
                     address = addressing.allocate(config.pool, namespace.addresses_in_use())
                     # Before any kernel object: whose they will be (see SandboxRecord.state).
                     record = SandboxRecord(
@@ -197,6 +195,22 @@ def create_sandbox(
             raise
         undo.pop_all()
     return Sandbox(config=config, record=record, network=net, timings=timer.ms, cgroup=cgroup)
+
+
+class _TakenIds:
+    """The ids a new sandbox may not have, asked one candidate at a time: its netns
+    name or host link exists, or a record has it. Listing every link instead grew
+    with the number of sandboxes on every create."""
+
+    def __init__(self, config: RunnerConfig) -> None:
+        self._records = config.sandboxes_dir
+
+    def __contains__(self, sandbox_id: object) -> bool:
+        sid = str(sandbox_id)
+        return namespace.sandbox_present(sid) or (self._records / f"{sid}.json").exists()
+
+    def __len__(self) -> int:
+        return len(load_record_ids(self._records))
 
 
 def _apply_sandbox_firewall(config: RunnerConfig, net: SandboxNetwork) -> None:
