@@ -75,6 +75,9 @@ log = logging.getLogger("sandgate.daemon")
 
 SO_PEERGROUPS = 59  # linux/socket.h; Python has no name for it
 READY_TIMEOUT = 15.0
+# Blocking work (netlink, nft, cgroups, fsync) runs here; most of a create or destroy
+# is waiting on the kernel (veth teardown, cgroup moves, init getting ready).
+WORKERS = 8
 REQUEST_TIMEOUT = 10.0  # a connection that sends no whole request in this is closed
 DRIFT_INTERVAL = 0.5
 RECONCILE_INTERVAL = 30.0
@@ -143,7 +146,7 @@ class Daemon:
         self.live: dict[str, Live] = {}
         self.busy: set[str] = set()  # ids being created or removed by this daemon
         self.policies = _Policies()
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sandgate-work")
+        self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="sandgate-work")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.gateway: Gateway | None = None
         self._servers: list[socket.socket] = []
