@@ -49,8 +49,9 @@ from .daemon_config import DaemonConfig, effective_credentials_dir
 from .forkserver import ForkServer, ForkServerError
 from .gateway_thread import own_networks, pinned_resolver, socket_path
 from .identity import NOBODY, SANDBOX_USER
+from .init import listen_owner_only
 from .metrics import CONTENT_TYPE, DaemonMetrics
-from .process import LaunchError, StartedInit, release
+from .process import LaunchError, StartedInit, read_to_eof, release
 from .reconcile import owner_alive, reconcile, remove_leftovers
 from .sandbox import SandboxError, SandboxSpec, create_sandbox, open_sandbox
 from .state import (
@@ -612,7 +613,8 @@ class Daemon:
         """Release init (cgroup first) and wait for its ready line. Worker pool."""
         try:
             release(started, cgroup)
-            line = _read_line(started.status_fd, READY_TIMEOUT)
+            # The resident init writes one line ("ready", or what failed), then closes.
+            line = read_to_eof(started.status_fd, time.monotonic() + READY_TIMEOUT)
         finally:
             os.close(started.status_fd)
         if not line:
@@ -1160,39 +1162,11 @@ def _unix_server(path: str, mode: int, gid: int | None) -> socket.socket:
             raise DaemonError(f"{path}: another sandgate serve is listening there")
         finally:
             probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
+    sock = listen_owner_only(path, 256)
     os.chown(path, 0, gid if gid is not None else 0)
     os.chmod(path, mode)
-    sock.listen(256)
     sock.setblocking(False)
     return sock
-
-
-def _read_line(fd: int, timeout: float) -> bytes:
-    """One line from fd within timeout, else b"". poll, not select: the daemon's
-    descriptors go past FD_SETSIZE."""
-    import select
-
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    deadline = time.monotonic() + timeout
-    data = b""
-    while b"\n" not in data:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return b""
-        if not poller.poll(left * 1000):
-            return b""
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.split(b"\n", 1)[0]
 
 
 class _Conn:

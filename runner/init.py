@@ -343,18 +343,24 @@ def run_init(spec: CommandSpec, status_fd: int, go_fd: int) -> None:
 EXEC_REQUEST_MAX = 256 * 1024
 
 
-def bind_exec_socket(path: str) -> socket.socket:
-    """The resident init's listening socket, owner-only, at a fresh path."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+def listen_owner_only(path: str, backlog: int) -> socket.socket:
+    """A Unix listener at `path`, mode 0600 from the moment it exists (bound under
+    umask 0177: no instant in which anyone else could connect)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)
     try:
         sock.bind(path)
     finally:
         os.umask(old)
-    sock.listen(64)
+    sock.listen(backlog)
     return sock
+
+
+def bind_exec_socket(path: str) -> socket.socket:
+    """The resident init's listening socket, owner-only, at a fresh path."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return listen_owner_only(path, 64)
 
 
 def run_resident_init(

@@ -119,16 +119,16 @@ def _take_terminal(tty: int | None, pgrp: int) -> None:
         signal.signal(signal.SIGTTOU, old)
 
 
-def _read_line(fd: int, deadline: float | None = None) -> bytes:
-    """Everything up to EOF (the writer closed or died), or b"" at the deadline."""
+def read_to_eof(fd: int, deadline: float | None = None) -> bytes:
+    """Everything up to EOF (the writer closed or died), or b"" at the deadline.
+    poll, not select: the daemon's descriptors go past FD_SETSIZE."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     chunks = []
     while True:
         if deadline is not None:
             left = deadline - time.monotonic()
-            if left <= 0:
-                return b""
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
+            if left <= 0 or not poller.poll(left * 1000):
                 return b""
         try:
             chunk = os.read(fd, 4096)
@@ -198,7 +198,7 @@ class Running:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             with forwarding_signals(self.init_pid):
-                raw = _read_line(self.status_fd, deadline)
+                raw = read_to_eof(self.status_fd, deadline)
             timed_out = not raw and deadline is not None and time.monotonic() >= deadline
             if timed_out and self.cgroup is not None:
                 self.cgroup.kill_all()
