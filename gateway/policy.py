@@ -1006,6 +1006,11 @@ def _syntax_error(message: str, source: str) -> PolicyError:
 
 def load_policy(path: str | Path) -> Policy:
     """Read and parse a policy file; PolicyError when it cannot be read or is invalid."""
+    return read_policy(path)[0]
+
+
+def read_policy(path: str | Path) -> tuple[Policy, str]:
+    """A policy file parsed, with its text (for a caller that passes the text on)."""
     source = str(path)
     try:
         data = Path(path).read_bytes()
@@ -1016,7 +1021,7 @@ def load_policy(path: str | Path) -> Policy:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise PolicyError("not UTF-8 text", path=source, line=line) from None
-    return parse_policy(text, source)
+    return parse_policy(text, source), text
 
 
 # --- command-line additions ----------------------------------------------------------

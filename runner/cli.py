@@ -373,12 +373,17 @@ def _check_upstream_ca(path: str | None) -> None:
 
 
 def _load_policy(path: str | None):
-    from gateway.policy import DEFAULT_POLICY, PolicyError, load_policy
+    from gateway.policy import DEFAULT_POLICY
 
-    if path is None:
-        return DEFAULT_POLICY
+    return DEFAULT_POLICY if path is None else _read_policy(path)[0]
+
+
+def _read_policy(path: str):
+    """(policy, its text); UsageError naming the file when it is unreadable or invalid."""
+    from gateway.policy import PolicyError, read_policy
+
     try:
-        return load_policy(path)
+        return read_policy(path)
     except PolicyError as exc:
         raise UsageError(f"invalid policy: {exc}") from exc
     except OSError as exc:
@@ -393,13 +398,9 @@ def _sandbox_request(args: argparse.Namespace) -> dict:
     file is read here and sent as text: the daemon never opens a caller's paths."""
     fields: dict = {}
     if args.policy:
-        try:
-            with open(args.policy, encoding="utf-8") as f:
-                fields["policy_toml"] = f.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"policy {args.policy}: cannot read: {exc}") from exc
+        # Checked here as for an embedded run (the same errors), then sent as text.
+        _policy, fields["policy_toml"] = _read_policy(args.policy)
         fields["policy_origin"] = os.path.abspath(args.policy)
-        _load_policy(args.policy)  # the same checks, the same errors, before sending
     elif getattr(args, "policy_name", None):
         fields["policy"] = args.policy_name
     for key in ("allow", "allow_cidr"):
