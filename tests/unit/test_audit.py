@@ -129,3 +129,54 @@ def test_a_rotated_log_is_followed_within_a_second(tmp_path, monkeypatch):
     fresh = path.read_text().splitlines()
     assert [json.loads(x)["request_id"] for x in rotated] == ["r1", "r2"]
     assert [json.loads(x)["request_id"] for x in fresh] == ["r3"]
+
+
+def test_added_lines_wait_for_flush_and_go_in_one_write(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "audit.jsonl"
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data) -> int:
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    with AuditLog(str(path)) as audit:
+        monkeypatch.setattr(os, "write", counting_write)
+        for i in range(3):
+            assert audit.add(AuditRecord(f"{i:016x}", "sb1", "tcp")) is False
+        assert path.read_text() == "" and writes == []
+        audit.flush()
+        assert len(writes) == 1 and len(path.read_text().splitlines()) == 3
+        full = [audit.add(AuditRecord(f"{i:016x}", "sb1", "tcp")) for i in range(AuditLog.ADD_MAX)]
+        assert full == [False] * (AuditLog.ADD_MAX - 1) + [True]  # time to flush
+        audit.add(AuditRecord("f" * 16, "sb1", "tcp"))
+    # close() flushed what was left.
+    assert len(path.read_text().splitlines()) == 3 + AuditLog.ADD_MAX + 1
+
+
+def test_request_ids_differ_in_a_forked_child() -> None:
+    new_request_id()  # this process has a block of random bytes now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the next id, from a block of its own
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    theirs = os.read(read, 64).decode()
+    os.close(read)
+    assert re.fullmatch(r"[0-9a-f]{16}", theirs)
+    assert theirs != new_request_id()
+
+
+def test_time_changes_with_the_millisecond(monkeypatch) -> None:
+    import gateway.audit as audit
+
+    for ms, text in (
+        (1_700_000_000_000, "2023-11-14T22:13:20.000Z"),
+        (1_700_000_000_001, "2023-11-14T22:13:20.001Z"),
+        (1_700_000_000_999, "2023-11-14T22:13:20.999Z"),
+        (1_700_000_001_000, "2023-11-14T22:13:21.000Z"),
+    ):
+        monkeypatch.setattr(audit.time, "time", lambda ms=ms: ms / 1000 + 0.0004)
+        assert rfc3339_now() == text
