@@ -39,8 +39,9 @@ Resolver = Callable[[str, int], list[IPAddress]]
 """(host, port) -> the host's addresses; may block (DNS), so the gateway calls it in a
 thread pool. A resolver may also answer some names without I/O (pinned names,
 runner.gateway_thread.pinned_resolver): it then has a method `local(host, port)` that
-returns those answers, or None for a name that needs the blocking call; the gateway
-asks `local` first, on its event loop (`local_answer`)."""
+returns those answers (a sequence the caller must not change: it may be given out
+again), or None for a name that needs the blocking call; the gateway asks `local`
+first, on its event loop (`local_answer`)."""
 
 
 class AddressClass(enum.Enum):
@@ -447,7 +448,7 @@ def check_answers(
     return result
 
 
-def local_answer(resolver: Resolver, host: str, port: int) -> list[IPAddress] | None:
+def local_answer(resolver: Resolver, host: str, port: int) -> Sequence[IPAddress] | None:
     """What `resolver` answers for `host` without I/O (see `Resolver`), or None."""
     local = getattr(resolver, "local", None)
     return local(host, port) if local is not None else None

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import fcntl
 import functools
@@ -108,6 +109,8 @@ from gateway.http import BadRequest, ProxyRequest, RequestKind, RequestReader
 from gateway.policy import DEFAULT_DENY, Decision, EgressPolicy, Policy, Request, decide
 from gateway.policy import policy_summary as _policy_summary
 from gateway.ratelimit import SandboxLimits
+from gateway.shared import MAX_PROCESSES, SharedLimits, SharedTable
+from gateway.workers import PrimaryLink, WorkerPool
 
 log = logging.getLogger("sandgate.gateway")
 
@@ -125,6 +128,9 @@ LISTEN_BACKLOG = 128
 ACCEPT_RETRY = 0.1  # seconds without accepting after running out of descriptors
 MAX_BUFFERED = 64 * 1024  # received from a connection and not yet taken (_Stream)
 _RESPONSE_STATUS = re.compile(rb"HTTP/1\.[01] ([0-9]{3})")
+_ENDPOINTS = ("tcp", "unix")
+VERDICTS_KEPT = 256  # per sandbox: checked answers reused (Gateway._resolve)
+DECISIONS_KEPT = 1024  # per sandbox: policy decisions reused (_decide)
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,12 @@ class GatewayConfig:
     `on_record`: called on the loop thread with every AuditRecord right after its line
     is written to the audit log (for counters: decisions by rule, bytes, rate-limit
     hits). It must be quick and must not keep or modify the record; whatever it raises
-    is logged and ignored, never failing a request."""
+    is logged and ignored, never failing a request.
+
+    `processes`: how many processes serve the sandboxes' connections (1 to
+    gateway.shared.MAX_PROCESSES). Above 1, the gateway starts processes - 1 helpers
+    (gateway/workers.py) that accept on the same listeners, and keeps the per-sandbox
+    limits in shared memory with room for `max_sandboxes` sandboxes at once."""
 
     audit_path: str = DEFAULT_AUDIT_PATH
     resolver: Resolver = system_resolver
@@ -166,6 +177,8 @@ class GatewayConfig:
     git_max_fetch_body: int = DEFAULT_MAX_FETCH_BODY
     git_max_response: int = DEFAULT_MAX_RESPONSE
     on_record: Callable[[AuditRecord], None] | None = None
+    processes: int = 1
+    max_sandboxes: int = 1024
 
 
 @dataclass(frozen=True)
@@ -210,32 +223,38 @@ class _Exchange:
     audit: bool = True
     status_sniff: bytearray = field(default_factory=bytearray)
     deadlines: _Deadlines = field(init=False)
+    # A helper process keeps what it read until the head is parsed: a git or API
+    # request is handed to the first process with those bytes (`prefix` there).
+    raw: bytearray | None = None
+    prefix: bytes = b""
+    denial_sent: bool = False  # a helper sent the refusal's record before answering
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
 
 
 class _ResolutionCache:
-    """Recent answers of blocking lookups, by (host, port), for `ttl` seconds; at most
-    `size` names (the oldest is dropped first). Answers only: every use is classified
-    again, so what is reused can never be a stale allow."""
+    """Recent answers of blocking lookups, by key ((host, port); a helper process's
+    are by (sandbox, host, port)), for `ttl` seconds; at most `size` names (the oldest
+    is dropped first). Answers only: every use is classified again, so what is reused
+    can never be a stale allow."""
 
     def __init__(self, ttl: float, size: int = 1024) -> None:
         self.ttl = ttl
         self.size = size
-        self._answers: dict[tuple[str, int], tuple[float, tuple[IPAddress, ...]]] = {}
+        self._answers: dict[tuple, tuple[float, tuple[IPAddress, ...]]] = {}
 
-    def get(self, host: str, port: int) -> list[IPAddress] | None:
-        found = self._answers.get((host, port))
+    def get(self, key: tuple) -> tuple[IPAddress, ...] | None:
+        found = self._answers.get(key)
         if found is None:
             return None
         expires, answers = found
         if time.monotonic() >= expires:
-            del self._answers[host, port]
+            del self._answers[key]
             return None
-        return list(answers)
+        return answers
 
-    def put(self, host: str, port: int, answers: list[IPAddress]) -> None:
+    def put(self, key: tuple, answers: list[IPAddress]) -> None:
         if self.ttl <= 0:
             return
         now = time.monotonic()
@@ -244,8 +263,8 @@ class _ResolutionCache:
                 del self._answers[key]
             while len(self._answers) >= self.size:
                 del self._answers[next(iter(self._answers))]
-        self._answers.pop((host, port), None)  # re-inserted last: the newest
-        self._answers[host, port] = (now + self.ttl, tuple(answers))
+        self._answers.pop(key, None)  # re-inserted last: the newest
+        self._answers[key] = (now + self.ttl, tuple(answers))
 
 
 @dataclass
@@ -259,15 +278,38 @@ class _Sandbox:
     unix_path: str | None = None
     tcp_addr: str | None = None  # the TCP listener's address: one of the gateway's own
     stopped: bool = False
+    slot: int | None = None  # in the shared limits table (several processes)
+    # The context the listeners were made in: a helper's lookups are answered in it
+    # (a resolver may read per-sandbox settings from a context variable).
+    context: contextvars.Context | None = None
+    # (host, port) -> the answers, own networks and allow_cidrs last checked, and
+    # the addresses they allowed (Gateway._resolve).
+    verdicts: dict[tuple[str, int], tuple] = field(default_factory=dict)
+    # (method, host, port) -> policy.decide's bodiless decision under `decisions_for`.
+    decisions: dict[tuple[str, str, int], Decision] = field(default_factory=dict)
+    decisions_for: EgressPolicy | None = None
 
 
 class Gateway:
     """Serves every sandbox's egress from the running event loop (uvloop in the
-    runner; the default loop works too)."""
+    runner; the default loop works too). With GatewayConfig.processes > 1 it also
+    runs helper processes (gateway/workers.py); a helper's own Gateway is made with
+    `link` (its channel to this one), the shared `table` and its process number."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        link: PrimaryLink | None = None,
+        table: SharedTable | None = None,
+        proc: int = 0,
+    ) -> None:
+        if not 1 <= config.processes <= MAX_PROCESSES:
+            raise ValueError(f"gateway processes must be 1 to {MAX_PROCESSES}")
         self.config = config
         self._audit = AuditLog(config.audit_path)
+        self._audit_flush_due = False
+        self._to_notify: list[AuditRecord] = []
         self._sandboxes: dict[str, _Sandbox] = {}
         self._resolver_pool = ThreadPoolExecutor(
             config.resolver_threads, thread_name_prefix="sandgate-resolve"
@@ -281,6 +323,16 @@ class Gateway:
             CredentialStore(config.credentials_dir),
             GitLimits(config.git_max_push_body, config.git_max_fetch_body, config.git_max_response),
         )
+        self._link = link  # set in a helper process
+        self._proc = proc
+        self._table = table
+        self._pool: WorkerPool | None = None
+        self._free_slots: list[int] = []
+        if link is None and config.processes > 1:
+            self._table = SharedTable.create(config.max_sandboxes)
+            self._free_slots = list(range(config.max_sandboxes - 1, -1, -1))
+            self._pool = WorkerPool(self, config.processes - 1, self._table.fd)
+            self._pool.start()
 
     # --- sandboxes ---------------------------------------------------------------------
 
@@ -297,13 +349,7 @@ class Gateway:
             raise ValueError(f"sandbox {sandbox_id} already has gateway endpoints")
         if tcp is None and unix_path is None:
             raise ValueError("a sandbox needs a TCP or a Unix endpoint")
-        egress = policy.egress
-        sandbox = _Sandbox(
-            sandbox_id,
-            policy,
-            SandboxLimits.from_policy(egress),
-            deque(maxlen=self.config.recent_denials),
-        )
+        sandbox = self._new_sandbox(sandbox_id, policy)
         tcp_bound: tuple[str, int] | None = None
         try:
             if tcp is not None:
@@ -319,22 +365,65 @@ class Gateway:
                 self._start_accepting(sandbox, sock, "unix")
         except BaseException:
             await self._stop(sandbox)
+            self._free_slot(sandbox)
             raise
         self._sandboxes[sandbox_id] = sandbox
         self._self_networks = self._own_networks()
+        if self._pool is not None:
+            self._pool.send(*self._add_message(sandbox))
         return SandboxEndpoints(tcp_bound, unix_path)
 
+    def _new_sandbox(self, sandbox_id: str, policy: Policy, slot: int | None = None) -> _Sandbox:
+        """The sandbox's state; its limits in the shared table when there is one (the
+        first process takes a free slot and fills it; a helper is told the slot)."""
+        sandbox = _Sandbox(
+            sandbox_id,
+            policy,
+            SandboxLimits.from_policy(policy.egress),
+            deque(maxlen=self.config.recent_denials),
+            context=contextvars.copy_context(),
+        )
+        if self._table is not None:
+            if slot is None:
+                if not self._free_slots:
+                    raise RuntimeError(
+                        f"the gateway has room for {self.config.max_sandboxes} sandboxes "
+                        "(GatewayConfig.max_sandboxes) and all are taken"
+                    )
+                slot = self._free_slots.pop()
+                self._table.set_limits(slot, policy.egress, keep_counts=False)
+            sandbox.slot = slot
+            sandbox.limits = SharedLimits(self._table, slot, self._proc)  # type: ignore[assignment]
+        return sandbox
+
+    def _free_slot(self, sandbox: _Sandbox) -> None:
+        if self._pool is not None and sandbox.slot is not None:
+            self._free_slots.append(sandbox.slot)
+            sandbox.slot = None
+
     async def remove_sandbox(self, sandbox_id: str) -> None:
-        """Close the sandbox's listeners and every connection it has open."""
+        """Close the sandbox's listeners and every connection it has open (in every
+        process of the gateway)."""
         sandbox = self._sandboxes.pop(sandbox_id, None)
         if sandbox is not None:
             self._self_networks = self._own_networks()
+            if self._pool is not None:
+                await self._pool.remove(sandbox_id)
             await self._stop(sandbox)
+            self._free_slot(sandbox)
             await self._git.release(sandbox)  # revoke minted tokens, best effort
 
     async def close(self) -> None:
         for sandbox_id in list(self._sandboxes):
             await self.remove_sandbox(sandbox_id)
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        if self._link is not None:
+            self._link.flush()
+        if self._table is not None and self._link is None:
+            self._table.close()
+            self._table = None
         self._resolver_pool.shutdown(wait=False, cancel_futures=True)
         self._audit.close()
 
@@ -347,6 +436,14 @@ class Gateway:
         sandbox = self._sandboxes.get(sandbox_id)
         if sandbox is None:
             raise KeyError(f"sandbox {sandbox_id} has no gateway endpoints")
+        if sandbox.slot is not None:
+            if self._link is None:  # the first process owns the shared slot
+                assert self._table is not None
+                self._table.set_limits(sandbox.slot, policy.egress, keep_counts=True)
+            sandbox.policy = policy
+            if self._pool is not None:
+                self._pool.send(("policy", sandbox_id, policy))
+            return
         limits = SandboxLimits.from_policy(policy.egress)
         limits.connections.open = sandbox.limits.connections.open
         limits.upload.used = sandbox.limits.upload.used
@@ -365,11 +462,182 @@ class Gateway:
         networks = self._own_networks(addrs)  # validates before anything changes
         self.config = replace(self.config, self_addrs=addrs)
         self._self_networks = networks
+        if self._pool is not None:
+            self._pool.send(("own", addrs))
 
     def denials(self, sandbox_id: str) -> list[dict[str, Any]]:
         """The sandbox's recent denials and errors, oldest first (audit records)."""
+        if self._pool is not None:
+            self._pool.drain()
         sandbox = self._sandboxes.get(sandbox_id)
         return [dict(d) for d in sandbox.denials] if sandbox else []
+
+    # --- the first process and its helpers (GatewayConfig.processes > 1) ---------------
+
+    def _add_message(self, sandbox: _Sandbox) -> tuple[tuple, list[int]]:
+        endpoints = ["tcp" if s.family != socket.AF_UNIX else "unix" for s in sandbox.listeners]
+        message = ("add", sandbox.id, sandbox.policy, sandbox.slot, endpoints, sandbox.tcp_addr)
+        return message, [s.fileno() for s in sandbox.listeners]
+
+    def _helper_state(self) -> list[tuple[tuple, list[int]]]:
+        """What a (re)started helper is sent first: the configuration, then every
+        sandbox with duplicates of its listeners."""
+        config = replace(
+            self.config,
+            resolver=system_resolver,  # never used: a helper asks this process
+            on_record=None,
+            credentials_dir=None,  # a helper never holds a credential
+            processes=1,
+        )
+        state: list[tuple[tuple, list[int]]] = [
+            (("config", config, self.config.on_record is not None), [])
+        ]
+        state.extend(self._add_message(s) for s in self._sandboxes.values())
+        return state
+
+    def _helper_gone(self, index: int) -> None:
+        """A helper exited or died: the connections it held are closed."""
+        if self._table is not None:
+            self._table.forget_process(index)
+
+    def _from_helper(
+        self, index: int, header: dict[str, Any], payload: bytes, fds: list[int]
+    ) -> None:
+        """A helper's message (gateway/workers.py): a connection handed over, records,
+        a denial, a name to resolve."""
+        op = header["op"]
+        if op == "handoff":
+            sandbox = self._sandboxes.get(str(header.get("id")))
+            endpoint = header.get("endpoint")
+            if len(fds) != 1 or sandbox is None or sandbox.stopped or endpoint not in _ENDPOINTS:
+                for fd in fds:
+                    os.close(fd)
+                return
+            conn = socket.socket(fileno=fds[0])
+            conn.setblocking(False)
+            task = asyncio.get_running_loop().create_task(
+                self._serve(sandbox, conn, endpoint, prefix=payload)
+            )
+            sandbox.connections.add(task)
+            task.add_done_callback(sandbox.connections.discard)
+            return
+        for fd in fds:
+            os.close(fd)
+        if op == "records":
+            for item in header.get("records", ()):
+                self._helper_record(item.get("r"), bool(item.get("early")))
+        elif op == "denial":
+            self._helper_record(header.get("record"), early=False, notify=False)
+        elif op == "resolve":
+            asyncio.get_running_loop().create_task(self._resolve_for_helper(index, header))
+
+    def _helper_record(self, data: Any, early: bool, notify: bool = True) -> None:
+        try:
+            record = AuditRecord(**data)
+        except TypeError:
+            log.error("gateway: a helper sent a malformed audit record; ignored")
+            return
+        sandbox = self._sandboxes.get(record.sandbox)
+        if sandbox is not None and not early and record.decision != "allow":
+            sandbox.denials.append(record.as_dict())
+        if notify:
+            self._notify(record)
+
+    async def _resolve_for_helper(self, index: int, header: dict[str, Any]) -> None:
+        """The answers for a helper's lookup, as _resolve would find them here (the
+        helper classifies them)."""
+        pool = self._pool
+        assert pool is not None
+        seq = header.get("seq")
+        sandbox = self._sandboxes.get(str(header.get("id")))
+        host, port = header.get("host"), header.get("port")
+        reply: dict[str, Any]
+        if sandbox is None or not isinstance(host, str) or not isinstance(port, int):
+            reply = {"refusal": [502, "error", "resolve", "the sandbox is gone"]}
+        else:
+            try:
+                assert sandbox.context is not None
+                answers = sandbox.context.run(local_answer, self.config.resolver, host, port)
+                if answers is None:
+                    answers = self._resolved.get((host, port))
+                if answers is None:
+                    answers = await self._lookup(host, port)
+                reply = {"answers": [str(a) for a in answers]}
+            except _Refusal as r:
+                reply = {"refusal": [r.status, r.decision, r.rule, r.reason]}
+            except Exception:
+                log.error(
+                    "gateway: looking up %s for a helper failed\n%s",
+                    host,
+                    self._redact(traceback.format_exc()),
+                )
+                reply = {"refusal": [502, "error", "resolve", f"cannot resolve {host}"]}
+        pool.reply(index, ("resolved", seq, reply))
+
+    def _from_primary(self, message: tuple, fds: list[int]) -> None:
+        """In a helper: the first process's message (see _add_message, WorkerPool)."""
+        op = message[0]
+        if op == "add":
+            _, sandbox_id, policy, slot, endpoints, tcp_addr = message
+            if sandbox_id in self._sandboxes or len(fds) != len(endpoints):
+                for fd in fds:
+                    os.close(fd)
+                return
+            sandbox = self._new_sandbox(sandbox_id, policy, slot)
+            sandbox.tcp_addr = tcp_addr
+            for fd, endpoint in zip(fds, endpoints, strict=True):
+                sock = socket.socket(fileno=fd)
+                sock.setblocking(False)
+                sandbox.listeners.append(sock)
+                self._start_accepting(sandbox, sock, endpoint)
+            self._sandboxes[sandbox_id] = sandbox
+            self._self_networks = self._own_networks()
+            return
+        for fd in fds:
+            os.close(fd)
+        if op == "remove":
+            asyncio.get_running_loop().create_task(self._remove_for_primary(message[1]))
+        elif op == "policy":
+            with contextlib.suppress(KeyError):
+                self.update_policy(message[1], message[2])
+        elif op == "own":
+            self.set_own_addresses(message[1])
+        elif op == "resolved":
+            assert self._link is not None
+            fut = self._link.pending.get(message[1])
+            if fut is not None and not fut.done():
+                fut.set_result(message[2])
+
+    async def _remove_for_primary(self, sandbox_id: str) -> None:
+        assert self._link is not None
+        await self.remove_sandbox(sandbox_id)
+        self._link.flush()  # the records of the connections just closed, first
+        self._link.send({"op": "removed", "id": sandbox_id})
+
+    def _audit_add(self, record: AuditRecord) -> None:
+        """The record's line, written with the others of this turn of the loop; then
+        the on_record hook sees it (after its line is written, as promised)."""
+        full = self._audit.add(record)
+        if self._link is None and self.config.on_record is not None:
+            self._to_notify.append(record)
+        if full:
+            self._audit_flush()
+        elif not self._audit_flush_due:
+            self._audit_flush_due = True
+            asyncio.get_running_loop().call_soon(self._audit_flush_soon)
+
+    def _audit_flush_soon(self) -> None:
+        self._audit_flush_due = False
+        self._audit_flush()
+
+    def _audit_flush(self) -> None:
+        try:
+            self._audit.flush()
+        except OSError as e:
+            log.error("gateway: cannot write the audit log %s: %s", self._audit.path, e)
+        notify, self._to_notify = self._to_notify, []
+        for record in notify:
+            self._notify(record)
 
     def _redact(self, text: str) -> str:
         """`text` without any secret the git credential store holds (audit.redact)."""
@@ -401,9 +669,13 @@ class Gateway:
         """Take up to ACCEPT_BATCH queued connections (the bound keeps a flood of new
         connections from starving those already open); each gets a task (_serve)."""
         loop = asyncio.get_running_loop()
+        family = socket.AF_UNIX if endpoint == "unix" else _family(sandbox.tcp_addr)
         for _ in range(ACCEPT_BATCH):
             try:
-                conn = sock.accept()[0]
+                # socket.accept() without its wrapper, which asks the listener for its
+                # family and type (an enum conversion each) for every connection.
+                fd = sock._accept()[0]  # type: ignore[attr-defined]
+                conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -440,10 +712,15 @@ class Gateway:
 
     # --- one connection ----------------------------------------------------------------
 
-    async def _serve(self, sandbox: _Sandbox, conn: socket.socket, endpoint: str) -> None:
+    async def _serve(
+        self, sandbox: _Sandbox, conn: socket.socket, endpoint: str, prefix: bytes = b""
+    ) -> None:
+        """One connection; `prefix`: what a helper read from it before handing it over."""
         ex = _Exchange(
             AuditRecord(new_request_id(), sandbox.id, endpoint),
             counted=sandbox.limits.open_connection(),
+            raw=bytearray() if self._link is not None else None,
+            prefix=prefix,
         )
         record = ex.record
         loop = asyncio.get_running_loop()
@@ -466,6 +743,11 @@ class Gateway:
             record.decision, record.rule, record.reason = r.decision, r.rule, r.reason
             if not ex.responded:
                 record.status = r.status
+                if self._link is not None:
+                    # The sandbox may ask for its denials as soon as it has the answer.
+                    record.duration_ms = round((time.monotonic() - ex.started) * 1000)
+                    self._link.denial(record.as_dict())
+                    ex.denial_sent = True
                 await self._refuse(client, r, record)
         except asyncio.CancelledError:
             expired = deadlines.expired()
@@ -504,10 +786,11 @@ class Gateway:
             if record.reason:
                 record.reason = self._redact(record.reason)
             if ex.audit:
-                self._audit.write(record)
-                if record.decision != "allow":
+                self._audit_add(record)
+                if self._link is not None:
+                    self._link.record(record.as_dict(), ex.denial_sent)
+                elif record.decision != "allow":
                     sandbox.denials.append(record.as_dict())
-                self._notify(record)
 
     async def _handle(self, sandbox: _Sandbox, client: _Stream, ex: _Exchange) -> None:
         record = ex.record
@@ -515,12 +798,18 @@ class Gateway:
         # Origin-form is for the gateway itself: the git gateway on both endpoints, the
         # in-sandbox API on the Unix socket only.
         reader = RequestReader(allow_origin_form=True)
+        if ex.prefix:
+            ex.received += len(ex.prefix)
+            reader.feed(ex.prefix)
         req = await self._read_head(client, reader, ex)
         if req is None:
             ex.audit = False  # connected and closed without a byte: nothing was asked
             return
         record.method = req.method
         if req.kind is RequestKind.LOCAL:
+            if self._link is not None:
+                self._hand_over(sandbox, client, ex)
+                return
             if req.path.startswith(GIT_PREFIX):
                 record.path = audit_path(req.path)
                 self._admit(sandbox, ex)
@@ -546,8 +835,7 @@ class Gateway:
         record.host, record.port = req.target_host, req.port
         record.path = audit_path(req.path) if req.path else None
         self._admit(sandbox, ex)
-        egress = sandbox.policy.egress
-        decision, status = _decide(egress, req)
+        decision, status = _decide(sandbox, req)
         record.rule = decision.rule
         if not decision.allowed:
             raise _Refusal(
@@ -580,6 +868,19 @@ class Gateway:
             await self._forward(sandbox, client, upstream, reader, req, decision, early, ex)
         finally:
             upstream.close()
+
+    def _hand_over(self, sandbox: _Sandbox, client: _Stream, ex: _Exchange) -> None:
+        """In a helper: a git or API request goes to the first process (which holds
+        the credentials and the sandbox's denials), with every byte read so far. The
+        connection slot is given back first: the first process takes its own."""
+        assert self._link is not None and ex.raw is not None
+        sock = client.detach()
+        raw = bytes(ex.raw) + client.take()
+        ex.audit = False  # the first process audits it
+        if ex.counted:
+            ex.counted = False
+            sandbox.limits.close_connection()
+        self._link.handoff(sandbox.id, ex.record.endpoint, raw, sock.fileno())
 
     @staticmethod
     def _detach(client: _Stream, reader: RequestReader) -> socket.socket:
@@ -625,6 +926,8 @@ class Gateway:
                 if not data and not ex.received:
                     return None
                 ex.received += len(data)
+                if ex.raw is not None:
+                    ex.raw += data
                 reader.feed(data)
         except BadRequest as e:
             raise _Refusal(e.status, "deny", "http.malformed", e.reason) from None
@@ -651,18 +954,32 @@ class Gateway:
             literal = literal_target(host, port)
             if literal is not None:
                 answers = [literal]
+            elif self._link is not None:
+                answers = await self._ask_primary(sandbox, host, port)
             else:
                 answers = local_answer(self.config.resolver, host, port)
                 if answers is None:
-                    answers = self._resolved.get(host, port)
+                    answers = self._resolved.get((host, port))
                 if answers is None:
                     answers = await self._lookup(host, port)
-            return check_answers(
-                host,
-                answers,
-                self_addrs=self._self_networks,
-                allow_cidrs=sandbox.policy.egress.allow_cidrs,
-            )
+            # The verdict on these answers, if they were checked against the same own
+            # networks and allow_cidrs before (objects replaced, never changed, when
+            # those change): an allow is reused, a refusal is never kept.
+            selfs, allow = self._self_networks, sandbox.policy.egress.allow_cidrs
+            answers_t = answers if type(answers) is tuple else tuple(answers)
+            known = sandbox.verdicts.get((host, port))
+            if (
+                known is not None
+                and known[1] is selfs
+                and known[2] is allow
+                and (known[0] is answers_t or known[0] == answers_t)
+            ):
+                return known[3]
+            result = check_answers(host, answers_t, self_addrs=selfs, allow_cidrs=allow)
+            if len(sandbox.verdicts) >= VERDICTS_KEPT:
+                sandbox.verdicts.clear()
+            sandbox.verdicts[host, port] = (answers_t, selfs, allow, result)
+            return result
         except AddressRefused as e:
             klass = e.klass.value if e.klass is not None else "invalid"
             raise _Refusal(
@@ -674,6 +991,26 @@ class Gateway:
                 "range can be opened with egress.allow_cidrs, loopback, link-local and "
                 "metadata addresses never.",
             ) from None
+
+    async def _ask_primary(self, sandbox: _Sandbox, host: str, port: int) -> list[IPAddress]:
+        """In a helper: the first process's answers (its resolver, pins and cache), kept
+        here for resolve_cache_ttl like a lookup's."""
+        assert self._link is not None
+        key = (sandbox.id, host, port)
+        answers = self._resolved.get(key)
+        if answers is not None:
+            return answers
+        try:
+            reply = await self._link.resolve(sandbox.id, host, port, self.config.connect_timeout)
+        except TimeoutError:
+            raise _Refusal(504, "error", "resolve", f"resolving {host} took too long") from None
+        if "refusal" in reply:
+            status, decision, rule, reason = reply["refusal"]
+            raise _Refusal(status, decision, rule, reason)
+        answers = [ip_address(a) for a in reply["answers"]]
+        if answers:
+            self._resolved.put(key, answers)
+        return answers
 
     async def _lookup(self, host: str, port: int) -> list[IPAddress]:
         """The resolver's blocking answer, from the thread pool (502, 504)."""
@@ -690,7 +1027,7 @@ class Gateway:
                 502, "error", "resolve", f"cannot resolve {host}: {e.strerror or e}"
             ) from None
         if answers:  # an empty answer is refused; let the next request ask again
-            self._resolved.put(host, port, answers)
+            self._resolved.put((host, port), answers)
         return answers
 
     def _own_networks(
@@ -996,6 +1333,8 @@ class Gateway:
         elif path == API_POLICY:
             status, body = 200, _policy_summary(sandbox.policy)
         elif path == API_DENIALS:
+            if self._pool is not None:
+                self._pool.drain()  # the helpers' refusals sent before their answers
             status, body = 200, {"denials": list(sandbox.denials)}
         else:
             status, body = 404, {"error": f"no such endpoint; try {API_POLICY} or {API_DENIALS}"}
@@ -1008,16 +1347,32 @@ class Gateway:
 # --- pure helpers --------------------------------------------------------------------
 
 
-def _decide(egress: EgressPolicy, req: ProxyRequest) -> tuple[Decision, int]:
+def _decide(sandbox: _Sandbox, req: ProxyRequest) -> tuple[Decision, int]:
     """The policy's decision and the status it means: a request denied only for its
-    declared body size is 413, not 403."""
+    declared body size is 413, not 403.
+
+    policy.decide on (method, host, port) alone is kept per sandbox and policy (a
+    policy is never changed, only replaced): a declared body can only add a refusal
+    (its size is checked last, against the limit of the rule that allows the request
+    without one), so the bodiless decision stands unless the body is over that limit,
+    and only then is decide asked again with the body."""
+    egress = sandbox.policy.egress
+    if sandbox.decisions_for is not egress:
+        sandbox.decisions, sandbox.decisions_for = {}, egress
+    key = (req.method, req.target_host, req.port)
+    bodiless = sandbox.decisions.get(key)
+    if bodiless is None:
+        bodiless = decide(egress, Request(req.method, req.target_host, req.port))
+        if len(sandbox.decisions) >= DECISIONS_KEPT:
+            sandbox.decisions.clear()
+        sandbox.decisions[key] = bodiless
+    if not bodiless.allowed:
+        return bodiless, 403
     body = req.content_length if not req.is_connect else None
+    if body is None or bodiless.max_body is None or body <= bodiless.max_body:
+        return bodiless, 200
     decision = decide(egress, Request(req.method, req.target_host, req.port, body))
-    if decision.allowed:
-        return decision, 200
-    if body is not None and decide(egress, Request(req.method, req.target_host, req.port)).allowed:
-        return decision, 413
-    return decision, 403
+    return decision, 200 if decision.allowed else 413
 
 
 def _budget_reason(budget: int) -> str:
@@ -1556,6 +1911,11 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> No
             loop.remove_writer(fd)
         else:
             loop.remove_reader(fd)
+
+
+@functools.lru_cache(maxsize=64)
+def _family(addr: str | None) -> int:
+    return socket.AF_INET6 if addr is not None and ":" in addr else socket.AF_INET
 
 
 def _tcp_listener(addr: str, port: int) -> socket.socket:

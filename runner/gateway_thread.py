@@ -127,16 +127,17 @@ def pinned_resolver(pins: Mapping[str, list[IPAddress]], fallback: Resolver) -> 
 
 class _PinnedResolver:
     def __init__(self, pins: Mapping[str, list[IPAddress]], fallback: Resolver) -> None:
-        self._pins = pins
+        # Tuples, given out as they are: the gateway reuses its verdict on answers it
+        # has seen (the same object) without checking them again.
+        self._pins = {host: tuple(addrs) for host, addrs in pins.items()}
         self._fallback = fallback
 
-    def local(self, host: str, port: int) -> list[IPAddress] | None:
-        pinned = self._pins.get(host)
-        return list(pinned) if pinned is not None else None
+    def local(self, host: str, port: int) -> tuple[IPAddress, ...] | None:
+        return self._pins.get(host)
 
     def __call__(self, host: str, port: int) -> list[IPAddress]:
         pinned = self.local(host, port)
-        return pinned if pinned is not None else self._fallback(host, port)
+        return list(pinned) if pinned is not None else self._fallback(host, port)
 
 
 def own_networks(pool: IPv4Network, host_addrs: Iterable[IPv4Address]) -> frozenset:

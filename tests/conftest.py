@@ -35,6 +35,16 @@ def sandgate_residue() -> set[str]:
     scopes = "/sys/fs/cgroup/sandgate.slice"  # the daemon's, under systemd on cgroup v2
     if os.path.isdir(scopes):
         found |= {f"scope {e}" for e in os.listdir(scopes) if e.startswith("sandgate-")}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        # A gateway helper process, or a `sandgate serve` (the tests' daemons).
+        helper = any(b"from gateway.workers import main" in a for a in argv[1:4])
+        if helper or (argv[1:2] == [b"serve"] and b"sandgate" in argv[0]):
+            found.add(f"process {pid} {b' '.join(argv).decode(errors='replace').strip()}")
     try:
         from runner.cgroups import CgroupError, detect
 

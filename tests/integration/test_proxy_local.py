@@ -71,6 +71,20 @@ def fake_resolver(upstream_addr: IPv4Address | None) -> Callable[[str, int], lis
 
 # --- the gateway in a thread ---------------------------------------------------------
 
+# Every test here runs twice: with the gateway in one process, and with a helper
+# process beside it (GatewayConfig.processes = 2: both accept on the same listeners;
+# limits in shared memory; git, API and lookups through the first process).
+_PROCESSES: list[int] = [1]
+
+
+@pytest.fixture(params=[1, 2], ids=["1proc", "2proc"], autouse=True)
+def gateway_processes(request) -> Iterator[int]:
+    _PROCESSES[0] = request.param
+    try:
+        yield request.param
+    finally:
+        _PROCESSES[0] = 1
+
 
 class RunningGateway:
     def __init__(self, loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
@@ -116,7 +130,12 @@ def running_gateway(
     run = RunningGateway(loop_factory)
     run.audit_path = str(tmp_path / "audit.jsonl")
     run.unix = str(tmp_path / "gateway.sock")
-    settings = {"resolver": fake_resolver(upstream_addr), "connect_timeout": 3.0, **config}
+    settings = {
+        "resolver": fake_resolver(upstream_addr),
+        "connect_timeout": 3.0,
+        "processes": _PROCESSES[0],
+        **config,
+    }
 
     async def start() -> None:
         run.gateway = Gateway(GatewayConfig(audit_path=run.audit_path, **settings))
