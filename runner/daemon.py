@@ -204,6 +204,10 @@ class Daemon:
             upstream_ca_file=None
             if self.dconfig.upstream_ca is None
             else str(self.dconfig.upstream_ca),
+            processes=self.dconfig.gateway_processes(),
+            # Room in the gateway's shared limits table for every sandbox the daemon
+            # may have, and for those being removed while new ones are made.
+            max_sandboxes=self.dconfig.max_sandboxes + 64,
         )
         if "on_record" in {f.name for f in dataclasses.fields(GatewayConfig)}:
             gw_config = dataclasses.replace(gw_config, on_record=self.metrics.observe_record)
@@ -302,7 +306,8 @@ class Daemon:
         unix = socket_path(self.config.run_dir, rec.id)
         unix.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         # The request's --resolve pins, for the connections these listeners accept.
-        token = _SANDBOX_PINS.set(dict(parse_pin(p) for p in rec.request.get("resolve", ())))
+        pins = (parse_pin(p) for p in rec.request.get("resolve", ()))
+        token = _SANDBOX_PINS.set({host: tuple(addrs) for host, addrs in pins})
         try:
             await self.gateway.add_sandbox(
                 rec.id, live.policy, tcp=(rec.gateway_addr, rec.gateway_port), unix_path=str(unix)
@@ -1058,13 +1063,13 @@ class _SandboxPins:
     def __init__(self, base) -> None:
         self._base = base
 
-    def local(self, host: str, port: int) -> list | None:
+    def local(self, host: str, port: int) -> tuple | None:
         pinned = (_SANDBOX_PINS.get() or {}).get(host)
-        return list(pinned) if pinned is not None else self._base.local(host, port)
+        return pinned if pinned is not None else self._base.local(host, port)
 
     def __call__(self, host: str, port: int) -> list:
         pinned = self.local(host, port)
-        return pinned if pinned is not None else self._base(host, port)
+        return list(pinned) if pinned is not None else self._base(host, port)
 
 
 def control_exit_setup() -> int:

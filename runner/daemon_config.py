@@ -20,6 +20,8 @@ Sections, keys and defaults (scripts/systemd/sandgate.toml is the commented copy
              resolve = { "HOST" = ["ADDR", ...] }   optional pins
              default_policy = "NAME"  optional; policies_dir/NAME.toml must exist.
                                       Absent: the built-in policy (no egress at all).
+             processes = "auto"       processes serving the sandboxes' connections,
+                                      1 to 8; "auto": one per CPU, at most 8
   [metrics]  socket = "/run/sandgate/metrics.sock"  (root only)
              listen = "127.0.0.1:PORT"  optional; loopback addresses only
   [limits]   max_sandboxes = 1000
@@ -52,6 +54,7 @@ from gateway.credentials import DEFAULT_CREDENTIALS_DIR
 # Private helpers of gateway.policy, reused so that both files place their errors the
 # same way (and name value types in the same words).
 from gateway.policy import _Locator, _type_name, normalize_host
+from gateway.shared import MAX_PROCESSES
 from netns.addressing import DEFAULT_POOL, AddressError, validate_pool
 
 from .config import DEFAULT_GATEWAY_PORT, RunnerConfig
@@ -61,6 +64,7 @@ IPAddress = IPv4Address | IPv6Address
 DEFAULT_CONFIG_PATH = "/etc/sandgate/sandgate.toml"
 DEFAULT_GROUP = "sandgate"
 DEFAULT_MAX_SANDBOXES = 1000
+MAX_GATEWAY_PROCESSES = MAX_PROCESSES
 
 _RUNNER_DEFAULTS = RunnerConfig()
 
@@ -69,7 +73,7 @@ _SECTIONS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "network": ("pool", "gateway_port"),
         "control": ("socket", "group"),
         "paths": ("state_dir", "run_dir", "policies_dir", "audit_log", "credentials_dir"),
-        "gateway": ("upstream_ca", "resolve", "default_policy"),
+        "gateway": ("upstream_ca", "resolve", "default_policy", "processes"),
         "metrics": ("socket", "listen"),
         "limits": ("max_sandboxes",),
     }
@@ -111,6 +115,8 @@ class DaemonConfig:
         default_factory=lambda: MappingProxyType({}), hash=False
     )
     default_policy: str | None = None
+    # None: "auto" (gateway_processes() decides)
+    processes: int | None = None
     # [metrics]
     metrics_socket: Path = Path("/run/sandgate/metrics.sock")
     metrics_listen: tuple[str, int] | None = None  # (loopback address, port)
@@ -135,6 +141,12 @@ class DaemonConfig:
         if self.default_policy is None:
             return None
         return self.policies_dir / f"{self.default_policy}.toml"
+
+    def gateway_processes(self) -> int:
+        """`processes`, with "auto" as one per CPU this process may run on, 1 to 8."""
+        if self.processes is not None:
+            return self.processes
+        return max(1, min(MAX_GATEWAY_PROCESSES, len(os.sched_getaffinity(0))))
 
     def resolver_pins(self) -> dict[str, list[IPAddress]]:
         """`resolve` in the shape runner.gateway_thread.pinned_resolver takes."""
@@ -284,6 +296,7 @@ class _Validator:
         bad_dir = "policies_dir" in paths and "policies_dir" not in out
         policies_dir = None if bad_dir else out.get("policies_dir", DaemonConfig.policies_dir)
         self.put(out, "default_policy", self.default_policy(gateway, policies_dir))
+        self.put(out, "processes", self.processes(gateway))
         self.put(out, "metrics_socket", self.socket_path(metrics, "metrics"))
         self.put(out, "metrics_listen", self.listen(metrics))
         self.put(out, "max_sandboxes", self.integer(limits, "limits", "max_sandboxes", low=1))
@@ -335,6 +348,25 @@ class _Validator:
             return _MISSING
         if not isinstance(value, str):
             self.error(f"{section}.{key}", f"expected a string, got {_type_name(value)}")
+            return _MISSING
+        return value
+
+    def processes(self, gateway: dict[str, Any]) -> object:
+        value = gateway.get("processes", _MISSING)
+        if value is _MISSING or value == "auto":
+            return _MISSING
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.error(
+                "gateway.processes",
+                f'expected an integer from 1 to {MAX_GATEWAY_PROCESSES} or "auto", '
+                f"got {_type_name(value)}",
+            )
+            return _MISSING
+        if not 1 <= value <= MAX_GATEWAY_PROCESSES:
+            self.error(
+                "gateway.processes",
+                f'{value!r} \N{EM DASH} must be from 1 to {MAX_GATEWAY_PROCESSES}, or "auto"',
+            )
             return _MISSING
         return value
 

@@ -3,6 +3,7 @@ as FILE:LINE: key: message, all at once), and the files in scripts/systemd."""
 
 from __future__ import annotations
 
+import os
 import re
 from ipaddress import IPv4Network, ip_address
 from pathlib import Path
@@ -498,6 +499,22 @@ listen = "192.0.2.1:80"
     ]
 
 
+def test_gateway_processes() -> None:
+    assert parse_daemon_config("[gateway]\nprocesses = 3\n").gateway_processes() == 3
+    auto = parse_daemon_config('[gateway]\nprocesses = "auto"\n')
+    assert auto == DaemonConfig()
+    assert auto.gateway_processes() == max(1, min(8, len(os.sched_getaffinity(0))))
+    for value, message in (
+        ("0", f'0 {EM} must be from 1 to 8, or "auto"'),
+        ("9", f'9 {EM} must be from 1 to 8, or "auto"'),
+        ('"many"', 'expected an integer from 1 to 8 or "auto", got a string'),
+        ("true", 'expected an integer from 1 to 8 or "auto", got a boolean'),
+    ):
+        with pytest.raises(DaemonConfigError) as e:
+            parse_daemon_config(f"[gateway]\nprocesses = {value}\n")
+        assert str(e.value) == f"<string>:2: gateway.processes: {message}", value
+
+
 def test_parse_without_a_file_names_the_string() -> None:
     with pytest.raises(DaemonConfigError) as e:
         parse_daemon_config("[limits]\nmax_sandboxes = -1\n")
@@ -536,6 +553,7 @@ def test_the_shipped_config_shows_the_true_defaults(tmp_path: Path) -> None:
             "credentials_dir",
             "socket",
             "max_sandboxes",
+            "processes",
         ]
     )
     assert load_daemon_config(write(tmp_path, uncommented)) == DaemonConfig()
