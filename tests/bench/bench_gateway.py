@@ -15,11 +15,15 @@ What runs where (nothing leaves the machine, no name is ever looked up):
              10.214.N.1/30: a tiny HTTP server on :8080 (uvloop, one response, closes)
              and a bulk server on :9000 (zeros by sendfile from a memfd; a sink that
              discards with MSG_TRUNC), in one child process.
-  gateway    a child process, exactly as `sandgate run` runs it: GatewayThread (uvloop in
-             a thread; the main thread only waits), a policy allowing upstream.bench.test
-             on 8080 and 9000 with allow_cidrs ["10.214.0.0/16"], the name pinned to
-             10.214.N.2 (no DNS fallback), audit log to a file. Listens on 127.0.0.1.
-             Splice on; a second one with splice off is measured for tunnels only.
+  gateway    a child process running GatewayThread (uvloop in a thread, as `sandgate
+             run` runs it; the main thread only waits), a policy allowing
+             upstream.bench.test on 8080 and 9000 with allow_cidrs ["10.214.0.0/16"], the
+             name pinned to 10.214.N.2 (no DNS fallback), audit log to a file. Listens on
+             127.0.0.1. "gateway": with as many processes as `sandgate serve` uses by
+             default ([gateway] processes = "auto": one per CPU, at most 8; the helpers
+             are its children, and their CPU is counted with it); "gateway-1proc": one
+             process (the embedded `sandgate run`'s default), for the request rate and
+             latency; "gateway-nosplice": one process, splice off, for tunnels only.
   tinyproxy  its own instance (tinyproxy -d -c <temp conf>) on 127.0.0.1, LogLevel Warning
              (one log line per connection, like the audit line), upstream by IP literal.
   clients    on the host. Bulk and latency: this process (blocking sockets). Request
@@ -171,7 +175,9 @@ def serve_upstream(addr: str) -> None:
 # --- child: the gateway, as `sandgate run` runs it ------------------------------------
 
 
-def serve_gateway(upstream_ip: str, host_end: str, port: int, splice: bool, tmp: str) -> None:
+def serve_gateway(
+    upstream_ip: str, host_end: str, port: int, splice: bool, tmp: str, processes: int
+) -> None:
     from ipaddress import IPv4Address, ip_address
 
     from gateway.policy import parse_policy
@@ -182,8 +188,9 @@ def serve_gateway(upstream_ip: str, host_end: str, port: int, splice: bool, tmp:
     def no_dns(host: str, port: int):
         raise socket.gaierror(socket.EAI_NONAME, f"{host}: not pinned (the bench uses no DNS)")
 
-    tag = "splice" if splice else "nosplice"
+    tag = f"{'splice' if splice else 'nosplice'}-{processes}"
     config = GatewayConfig(
+        processes=processes,
         audit_path=f"{tmp}/audit-{tag}.jsonl",
         resolver=pinned_resolver({UPSTREAM_NAME: [ip_address(upstream_ip)]}, no_dns),
         self_addrs=own_networks(DEFAULT_POOL, [IPv4Address("127.0.0.1"), IPv4Address(host_end)]),
@@ -337,6 +344,27 @@ def sys_seconds(pid: int | None) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[12]) + int(fields[14])) / CLK_TCK
+
+
+def children(pid: int) -> list[int]:
+    """The live children of a process (a gateway's helper processes)."""
+    out: list[int] = []
+    with contextlib.suppress(FileNotFoundError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    return out
+
+
+def tree_cpu(pid: int | None, of=cpu_seconds) -> float:
+    """`of` (cpu_seconds or sys_seconds) for a process and its live children."""
+    if pid is None:
+        return 0.0
+    total = of(pid)
+    for child in children(pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += of(child)
+    return total
 
 
 def open_tunnel(t: Target, port: int) -> socket.socket:
@@ -504,9 +532,9 @@ def span(values: list[float], fmt: str = "{:.0f}") -> str:
 
 
 def timed_with_cpu(fn: Callable[[], float], pids: list[int | None]) -> tuple[float, list[float]]:
-    before = [cpu_seconds(p) for p in pids]
+    before = [tree_cpu(p) for p in pids]
     result = fn()
-    return result, [cpu_seconds(p) - b for p, b in zip(pids, before, strict=True)]
+    return result, [tree_cpu(p) - b for p, b in zip(pids, before, strict=True)]
 
 
 # --- the phases -----------------------------------------------------------------------
@@ -537,11 +565,11 @@ def bench_rate(
     out: dict[str, list[tuple[AbResult, float, float, float]]] = {t.name: [] for t in targets}
     for r in range(rounds):
         for t in rotated(targets, r):
-            sys_before = sys_seconds(t.pid)
+            sys_before = tree_cpu(t.pid, sys_seconds)
             res, (proxy_cpu, up_cpu) = timed_with_cpu(
                 lambda t=t: run_ab(t, concurrency, seconds), [t.pid, upstream_pid]
             )
-            proxy_sys = sys_seconds(t.pid) - sys_before
+            proxy_sys = tree_cpu(t.pid, sys_seconds) - sys_before
             out[t.name].append((res, proxy_cpu, up_cpu, proxy_sys))  # type: ignore[arg-type]
     return out
 
@@ -587,8 +615,8 @@ def main() -> int:
         serve_upstream(args._role[1])
         return 0
     if args._role[:1] == ["_gateway"]:
-        _, ip, host_end, port, splice, tmp = args._role
-        serve_gateway(ip, host_end, int(port), splice == "on", tmp)
+        _, ip, host_end, port, splice, tmp, processes = args._role
+        serve_gateway(ip, host_end, int(port), splice == "on", tmp, int(processes))
         return 0
     if args.quick:
         args.rounds, args.bulk_mib, args.rate_seconds, args.latency_n = 1, 128, 3.0, 300
@@ -610,27 +638,27 @@ def main() -> int:
         me = [sys.executable, str(Path(__file__).resolve())]
         up = start_child(b, ["ip", "netns", "exec", b.ns, *me, "_upstream", b.upstream_ip])
         b.upstream_pid = up.pid  # `ip netns exec` execs python: the same pid
+        from runner.daemon_config import DaemonConfig
+
         gateways = []
-        for splice in ("on", "off"):
+        processes = DaemonConfig().gateway_processes()  # what `sandgate serve` uses here
+        for name, splice, n in (
+            ("gateway", "on", processes),
+            ("gateway-1proc", "on", 1),
+            ("gateway-nosplice", "off", 1),
+        ):
             port = free_port()
             proc = start_child(
-                b, [*me, "_gateway", b.upstream_ip, b.host_end, str(port), splice, b.tmp]
+                b, [*me, "_gateway", b.upstream_ip, b.host_end, str(port), splice, b.tmp, str(n)]
             )
-            gateways.append(
-                Target(
-                    f"gateway{'' if splice == 'on' else '-nosplice'}",
-                    ("127.0.0.1", port),
-                    UPSTREAM_NAME,
-                    proc.pid,
-                )
-            )
-        gw, gw_nosplice = gateways
+            gateways.append(Target(name, ("127.0.0.1", port), UPSTREAM_NAME, proc.pid))
+        gw, gw_1proc, gw_nosplice = gateways
         tp_proc, tp_port = start_tinyproxy(b, "Warning")
         tp = Target("tinyproxy", ("127.0.0.1", tp_port), b.upstream_ip, tp_proc.pid)
         tpl_proc, tpl_port = start_tinyproxy(b, "Connect")
         tp_log = Target("tinyproxy-log", ("127.0.0.1", tpl_port), b.upstream_ip, tpl_proc.pid)
         direct = Target("direct", None, b.upstream_ip)
-        main_targets = [gw, tp, tp_log, direct]
+        main_targets = [gw, gw_1proc, tp, tp_log, direct]
         bulk_targets = [gw, gw_nosplice, tp, direct]
 
         for t in [*bulk_targets, tp_log]:  # sanity: every path works before anything is timed
@@ -650,10 +678,13 @@ def main() -> int:
         print(
             f"upstream {b.upstream_ip} in netns {b.ns}; clients, gateway and tinyproxy on the "
             f"host (proxies on 127.0.0.1); audit log and tinyproxy log in {b.tmp}\n"
+            f'gateway: {processes} process(es) ([gateway] processes = "auto" here); '
+            "gateway-1proc and gateway-nosplice: 1\n"
             "tinyproxy: LogLevel Warning (no per-request log); tinyproxy-log: LogLevel Connect "
             "(3 log lines a request, each fsync()ed)\n"
         )
-        pids = [b.upstream_pid, *(t.pid for t in (gw, gw_nosplice, tp, tp_log) if t.pid)]
+        pids = [b.upstream_pid, *(t.pid for t in (gw, gw_1proc, gw_nosplice, tp, tp_log) if t.pid)]
+        pids += [c for t in (gw,) if t.pid for c in children(t.pid)]
 
         size = args.bulk_mib * MIB
         usage = Usage(pids)
@@ -695,7 +726,7 @@ def main() -> int:
             f"\n   ({usage.text()})"
         )
         print(
-            f"   {'target':<13} {'median req/s':>12} {'range':>13} {'failed':>7} "
+            f"   {'target':<14} {'median req/s':>12} {'range':>13} {'failed':>7} "
             f"{'non-2xx':>8} {'proxy CPU':>10} {'proxy us/req':>12} {'of it sys':>9} "
             f"{'ab CPU':>7} {'upstream us/req':>15}"
         )
@@ -715,12 +746,13 @@ def main() -> int:
             pus = f"{proxy_cpu / reqs * 1e6:.0f}" if name != "direct" else "-"
             psys = f"{proxy_sys / reqs * 1e6:.0f}" if name != "direct" else "-"
             print(
-                f"   {name:<13} {med_rate[name]:>12.0f} {span(rps):>13} {failed:>7} {non2xx:>8} "
+                f"   {name:<14} {med_rate[name]:>12.0f} {span(rps):>13} {failed:>7} {non2xx:>8} "
                 f"{pcpu:>10} {pus:>12} {psys:>9} {ab_cpu / wall:>7.0%} "
                 f"{up_cpu / reqs * 1e6:>15.0f}"
             )
         print(
             f"   gateway/tinyproxy {med_rate['gateway'] / med_rate['tinyproxy']:.2f}x, "
+            f"gateway-1proc/tinyproxy {med_rate['gateway-1proc'] / med_rate['tinyproxy']:.2f}x, "
             f"gateway/tinyproxy-log {med_rate['gateway'] / med_rate['tinyproxy-log']:.2f}x, "
             f"gateway/direct {med_rate['gateway'] / med_rate['direct']:.2f}x\n"
             "   (CPU % is of one core, over the runs' wall time; us/req is CPU per request, "
@@ -734,7 +766,7 @@ def main() -> int:
             f"target, interleaved request by request\n   ({usage.text()})"
         )
         print(
-            f"   {'target':<13} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+            f"   {'target':<14} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
             f"{'added p50':>10} {'added p99':>10}"
         )
         d50, d99 = pct(lat["direct"], 50), pct(lat["direct"], 99)
@@ -745,9 +777,9 @@ def main() -> int:
                 if name != "direct"
                 else f"{'-':>10} {'-':>10}"
             )
-            print(f"   {name:<13} {p50:>8.3f} {p90:>8.3f} {p99:>8.3f} {add}")
+            print(f"   {name:<14} {p50:>8.3f} {p90:>8.3f} {p99:>8.3f} {add}")
 
-        with open(f"{b.tmp}/audit-splice.jsonl") as f:
+        with open(f"{b.tmp}/audit-splice-{processes}.jsonl") as f:
             audit_lines = sum(1 for _ in f)
         made = (
             3  # the sanity checks
