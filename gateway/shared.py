@@ -4,13 +4,20 @@ When several processes accept on a sandbox's listeners, its request rate, open
 connections and upload budget must be counted once for all of them, or each process
 would let the sandbox have the whole allowance again. They are kept here, in one
 shared memory file (a memfd, mapped by every gateway process), one fixed-size slot
-per sandbox, and changed only under a lock on the slot's first byte (fcntl record
-lock: ~1.6 us for lock, read-modify-write and unlock; released by the kernel if the
-holder dies, so a killed process can never leave a slot locked).
+per sandbox, and changed only under the slot's lock.
+
+The lock is a process-shared, robust pthread mutex in the slot itself, called
+through ctypes without releasing the GIL: ~0.26 us for a lock and an unlock (an
+fcntl record lock costs ~1.2 us, two system calls and two GIL hand-overs; with
+three locked steps per request, the gateway measured that difference). Robust: when
+a process dies holding it, the next one to lock is told (EOWNERDEAD) and carries on,
+so a killed process can never leave a slot locked. The critical sections are a few
+Python statements, never I/O.
 
 The same checks as gateway/ratelimit.py (a token bucket, a capped counter, a byte
 budget), with the same interface (SandboxLimits), only the state lives in the slot:
 
+  mutex                           the slot's lock (64 bytes kept for pthread_mutex_t)
   rate, burst, tokens, updated    the bucket (updated: CLOCK_MONOTONIC, one clock for
                                   every process on the host)
   max_connections, upload_limit   from the policy
@@ -23,31 +30,85 @@ budget), with the same interface (SandboxLimits), only the state lives in the sl
 
 from __future__ import annotations
 
-import fcntl
+import ctypes
+import errno
 import mmap
 import os
 import struct
 import time
+from collections.abc import Iterable
 
 from gateway.policy import EgressPolicy
 from gateway.ratelimit import Clock
 
 MAX_PROCESSES = 8
-_HEAD = struct.Struct("=dqddqq")  # rate, burst, tokens, updated, max_connections, upload_limit
+_MUTEX_SIZE = 64  # glibc's pthread_mutex_t: 40 bytes on x86_64, 48 on aarch64
+_BUCKET = struct.Struct("=dqdd")  # rate, burst, tokens, updated
+_TOKENS = struct.Struct("=dd")  # tokens, updated
+_LIMITS = struct.Struct("=qq")  # max_connections, upload_limit
+_Q = struct.Struct("=q")
 _CELLS = struct.Struct(f"={MAX_PROCESSES}q")
-_OPEN_AT = _HEAD.size
+_BUCKET_AT = _MUTEX_SIZE
+_TOKENS_AT = _BUCKET_AT + 16
+_MAX_CONN_AT = _BUCKET_AT + _BUCKET.size
+_UPLOAD_LIMIT_AT = _MAX_CONN_AT + 8
+_OPEN_AT = _MAX_CONN_AT + _LIMITS.size
 _USED_AT = _OPEN_AT + _CELLS.size
 SLOT_SIZE = 64 * ((_USED_AT + _CELLS.size + 63) // 64)
 
+_PTHREAD_PROCESS_SHARED = 1
+_PTHREAD_MUTEX_ROBUST = 1
+
+
+class _Pthread:
+    """glibc's mutex calls, bound once: PyDLL keeps the GIL (the calls never wait
+    long: a critical section is a few statements in another process)."""
+
+    def __init__(self) -> None:
+        libc = ctypes.PyDLL(None, use_errno=True)
+        self.lock = libc.pthread_mutex_lock
+        self.unlock = libc.pthread_mutex_unlock
+        self.consistent = libc.pthread_mutex_consistent
+        self.init = libc.pthread_mutex_init
+        for fn in (self.lock, self.unlock, self.consistent):
+            fn.argtypes = [ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+        self.init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.init.restype = ctypes.c_int
+        self.attr = ctypes.create_string_buffer(64)  # pthread_mutexattr_t: 4 bytes
+        for call, args in (
+            (libc.pthread_mutexattr_init, ()),
+            (libc.pthread_mutexattr_setpshared, (_PTHREAD_PROCESS_SHARED,)),
+            (libc.pthread_mutexattr_setrobust, (_PTHREAD_MUTEX_ROBUST,)),
+        ):
+            err = call(self.attr, *args)
+            if err:
+                raise OSError(err, f"{call.__name__}: {os.strerror(err)}")
+
+
+_pthread: _Pthread | None = None
+
+
+def _libc() -> _Pthread:
+    global _pthread
+    if _pthread is None:
+        _pthread = _Pthread()
+    return _pthread
+
 
 class SharedTable:
-    """`slots` slots in one memfd. The process that makes it passes `fd` to the others
-    (inherited or SCM_RIGHTS), which open it with SharedTable.attach."""
+    """`slots` slots in one memfd. The process that makes it (create: every slot's
+    mutex initialised) passes `fd` to the others (inherited or SCM_RIGHTS), which
+    open it with SharedTable.attach."""
 
     def __init__(self, fd: int, slots: int) -> None:
         self.fd = fd
         self.slots = slots
         self._map = mmap.mmap(fd, slots * SLOT_SIZE)
+        self._buf = ctypes.c_char.from_buffer(self._map)
+        self._base = ctypes.addressof(self._buf)
+        pt = _libc()
+        self._pt_lock, self._pt_unlock, self._pt_consistent = pt.lock, pt.unlock, pt.consistent
 
     @classmethod
     def create(cls, slots: int) -> SharedTable:
@@ -56,10 +117,17 @@ class SharedTable:
         fd = os.memfd_create("sandgate-gateway-limits", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, slots * SLOT_SIZE)  # zero-filled, pages made when touched
-            return cls(fd, slots)
+            table = cls(fd, slots)
         except BaseException:
             os.close(fd)
             raise
+        pt = _libc()
+        for slot in range(slots):
+            err = pt.init(table._base + slot * SLOT_SIZE, pt.attr)
+            if err:
+                table.close()
+                raise OSError(err, f"pthread_mutex_init: {os.strerror(err)}")
+        return table
 
     @classmethod
     def attach(cls, fd: int) -> SharedTable:
@@ -69,52 +137,58 @@ class SharedTable:
         return cls(fd, size // SLOT_SIZE)
 
     def close(self) -> None:
+        del self._buf  # the mapping cannot close while ctypes holds a view of it
         self._map.close()
         os.close(self.fd)
 
     # --- under the slot's lock -------------------------------------------------------
 
     def _lock(self, slot: int) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, slot * SLOT_SIZE)
+        at = self._base + slot * SLOT_SIZE
+        err = self._pt_lock(at)
+        if err == errno.EOWNERDEAD:
+            # A process died holding it (between two statements of a section below):
+            # the slot's numbers are as it left them, which is the best there is.
+            self._pt_consistent(at)
+        elif err:
+            raise OSError(err, f"pthread_mutex_lock: {os.strerror(err)}")
 
     def _unlock(self, slot: int) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, slot * SLOT_SIZE)
+        self._pt_unlock(self._base + slot * SLOT_SIZE)
 
     def set_limits(self, slot: int, egress: EgressPolicy, *, keep_counts: bool) -> None:
         """Give `slot` the policy's limits, the bucket full. keep_counts False (a new
         sandbox) zeroes the open and used cells too; True (a policy reload) keeps them."""
         base = slot * SLOT_SIZE
+        m = self._map
         self._lock(slot)
         try:
-            _HEAD.pack_into(
-                self._map,
-                base,
+            _BUCKET.pack_into(
+                m,
+                base + _BUCKET_AT,
                 float(egress.rate),
                 egress.burst,
                 float(egress.burst),
                 time.monotonic(),
-                egress.max_connections,
-                egress.upload_budget,
             )
+            _LIMITS.pack_into(m, base + _MAX_CONN_AT, egress.max_connections, egress.upload_budget)
             if not keep_counts:
                 zero = (0,) * MAX_PROCESSES
-                _CELLS.pack_into(self._map, base + _OPEN_AT, *zero)
-                _CELLS.pack_into(self._map, base + _USED_AT, *zero)
+                _CELLS.pack_into(m, base + _OPEN_AT, *zero)
+                _CELLS.pack_into(m, base + _USED_AT, *zero)
         finally:
             self._unlock(slot)
 
     def take_token(self, slot: int, now: float) -> bool:
-        base = slot * SLOT_SIZE
+        at = slot * SLOT_SIZE + _BUCKET_AT
         m = self._map
         self._lock(slot)
         try:
-            rate, burst, tokens, updated, _, _ = _HEAD.unpack_from(m, base)
+            rate, burst, tokens, updated = _BUCKET.unpack_from(m, at)
             # max(0, ...): as TokenBucket, a clock that steps back must not drain it.
             tokens = min(float(burst), tokens + max(0.0, now - updated) * rate)
             ok = tokens >= 1.0
-            if ok:
-                tokens -= 1.0
-            struct.pack_into("=dd", m, base + 16, tokens, now)
+            _TOKENS.pack_into(m, at + 16, tokens - 1.0 if ok else tokens, now)
             return ok
         finally:
             self._unlock(slot)
@@ -124,11 +198,10 @@ class SharedTable:
         m = self._map
         self._lock(slot)
         try:
-            limit = _HEAD.unpack_from(m, base)[4]
             cells = _CELLS.unpack_from(m, base + _OPEN_AT)
-            if sum(cells) >= limit:
+            if sum(cells) >= _Q.unpack_from(m, base + _MAX_CONN_AT)[0]:
                 return False
-            struct.pack_into("=q", m, base + _OPEN_AT + 8 * proc, cells[proc] + 1)
+            _Q.pack_into(m, base + _OPEN_AT + 8 * proc, cells[proc] + 1)
             return True
         finally:
             self._unlock(slot)
@@ -137,10 +210,10 @@ class SharedTable:
         """Without the lock: only process `proc` writes its cell, and another process
         that reads it meanwhile sees one more connection open, never one fewer."""
         at = slot * SLOT_SIZE + _OPEN_AT + 8 * proc
-        (n,) = struct.unpack_from("=q", self._map, at)
+        (n,) = _Q.unpack_from(self._map, at)
         if n <= 0:
             raise RuntimeError("close_connection() without a matching open_connection()")
-        struct.pack_into("=q", self._map, at, n - 1)
+        _Q.pack_into(self._map, at, n - 1)
 
     def charge(self, slot: int, proc: int, n: int) -> bool:
         if n < 0:
@@ -149,22 +222,21 @@ class SharedTable:
         m = self._map
         self._lock(slot)
         try:
-            limit = _HEAD.unpack_from(m, base)[5]
             cells = _CELLS.unpack_from(m, base + _USED_AT)
-            if sum(cells) + n > limit:
+            if sum(cells) + n > _Q.unpack_from(m, base + _UPLOAD_LIMIT_AT)[0]:
                 return False
-            struct.pack_into("=q", m, base + _USED_AT + 8 * proc, cells[proc] + n)
+            _Q.pack_into(m, base + _USED_AT + 8 * proc, cells[proc] + n)
             return True
         finally:
             self._unlock(slot)
 
-    def forget_process(self, proc: int) -> None:
-        """A gateway process died: the connections it held are closed (by the kernel)."""
-        for slot in range(self.slots):
-            at = slot * SLOT_SIZE + _OPEN_AT + 8 * proc
+    def forget_process(self, proc: int, slots: Iterable[int] | None = None) -> None:
+        """A gateway process died: the connections it held (in `slots`, by default
+        every slot) are closed by the kernel."""
+        for slot in range(self.slots) if slots is None else slots:
             self._lock(slot)
             try:
-                struct.pack_into("=q", self._map, at, 0)
+                _Q.pack_into(self._map, slot * SLOT_SIZE + _OPEN_AT + 8 * proc, 0)
             finally:
                 self._unlock(slot)
 
@@ -177,7 +249,7 @@ class SharedTable:
         return sum(_CELLS.unpack_from(self._map, slot * SLOT_SIZE + _USED_AT))
 
     def upload_limit(self, slot: int) -> int:
-        return _HEAD.unpack_from(self._map, slot * SLOT_SIZE)[5]
+        return _Q.unpack_from(self._map, slot * SLOT_SIZE + _UPLOAD_LIMIT_AT)[0]
 
 
 class _UploadView:

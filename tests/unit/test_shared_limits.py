@@ -185,3 +185,54 @@ def test_two_processes_never_pass_the_limits_together(table) -> None:
     assert charged_a > 0 and charged_b > 0
     assert charged_a + charged_b == table.used(1) <= budget
     assert table.open_count(1) == 0
+
+
+_HOLD_AND_DIE = textwrap.dedent(
+    """
+    import os, sys, time
+    sys.path.insert(0, sys.argv[2])
+    from gateway.shared import SharedTable
+    table = SharedTable.attach(int(sys.argv[1]))
+    table._lock(0)  # and never unlock: killed while holding it
+    print("locked", flush=True)
+    time.sleep(60)
+    """
+)
+
+_LOCK_AGAIN = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, sys.argv[2])
+    from gateway.shared import SharedLimits, SharedTable
+    table = SharedTable.attach(int(sys.argv[1]))
+    limits = SharedLimits(table, 0, 2)
+    print(limits.open_connection(), limits.try_acquire_request(), flush=True)
+    """
+)
+
+
+def test_a_process_killed_holding_a_slot_does_not_lock_it_forever(table) -> None:
+    table.set_limits(0, egress(max_connections=4), keep_counts=False)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_AND_DIE, str(table.fd), str(ROOT)],
+        pass_fds=(table.fd,),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    # In another process (a wait on the lock would hold this one's GIL): it gets the
+    # slot (EOWNERDEAD, made consistent) instead of waiting forever.
+    again = subprocess.run(
+        [sys.executable, "-c", _LOCK_AGAIN, str(table.fd), str(ROOT)],
+        pass_fds=(table.fd,),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    assert again.stdout.split() == ["True", "True"]
+    SharedLimits(table, 0, 0).try_acquire_request()  # and so does this process
