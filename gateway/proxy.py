@@ -498,7 +498,8 @@ class Gateway:
     def _helper_gone(self, index: int) -> None:
         """A helper exited or died: the connections it held are closed."""
         if self._table is not None:
-            self._table.forget_process(index)
+            in_use = [s.slot for s in self._sandboxes.values() if s.slot is not None]
+            self._table.forget_process(index, in_use)
 
     def _from_helper(
         self, index: int, header: dict[str, Any], payload: bytes, fds: list[int]
@@ -669,13 +670,13 @@ class Gateway:
         """Take up to ACCEPT_BATCH queued connections (the bound keeps a flood of new
         connections from starving those already open); each gets a task (_serve)."""
         loop = asyncio.get_running_loop()
-        family = socket.AF_UNIX if endpoint == "unix" else _family(sandbox.tcp_addr)
+        kind = _Accepted.of(socket.AF_UNIX if endpoint == "unix" else _family(sandbox.tcp_addr))
         for _ in range(ACCEPT_BATCH):
             try:
                 # socket.accept() without its wrapper, which asks the listener for its
                 # family and type (an enum conversion each) for every connection.
                 fd = sock._accept()[0]  # type: ignore[attr-defined]
-                conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                conn = kind(kind.family, socket.SOCK_STREAM, 0, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -733,6 +734,10 @@ class Gateway:
         deadlines.limit("head", head_limit)
         client = _Stream(loop)
         try:
+            if not prefix:
+                # What the client has sent already (under load, usually its whole
+                # request head): read now, it needs no wait for the transport to read it.
+                ex.prefix = _read_ready(conn)
             # The accepted socket becomes a transport (see _Stream); from here on the
             # transport owns its descriptor.
             await loop.connect_accepted_socket(lambda: client, conn)
@@ -801,6 +806,8 @@ class Gateway:
         if ex.prefix:
             ex.received += len(ex.prefix)
             reader.feed(ex.prefix)
+            if ex.raw is not None:
+                ex.raw += ex.prefix
         req = await self._read_head(client, reader, ex)
         if req is None:
             ex.audit = False  # connected and closed without a byte: nothing was asked
@@ -1824,6 +1831,16 @@ class _Deadlines:
             self._task.uncancel()
 
 
+def _read_ready(sock: socket.socket) -> bytes:
+    """What has arrived on a new connection, without waiting (b"" for nothing yet, and
+    for an end or an error, which the transport then finds by itself)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(RECV_SIZE)
+    except OSError:  # BlockingIOError (nothing yet) included
+        return b""
+
+
 def _shutdown_write(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_WR)
@@ -1916,6 +1933,37 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> No
 @functools.lru_cache(maxsize=64)
 def _family(addr: str | None) -> int:
     return socket.AF_INET6 if addr is not None and ":" in addr else socket.AF_INET
+
+
+class _Accepted(socket.socket):
+    """An accepted connection whose `family` and `type` are plain class attributes:
+    socket.socket's are properties that convert to an enum on every read, and the
+    loop reads them three times a connection (connect_accepted_socket)."""
+
+    __slots__ = ()
+    family = socket.AF_INET  # type: ignore[assignment]
+    type = socket.SOCK_STREAM  # type: ignore[assignment]
+
+    @staticmethod
+    def of(family: int) -> type[socket.socket]:
+        return _ACCEPTED[family]
+
+
+class _Accepted6(_Accepted):
+    __slots__ = ()
+    family = socket.AF_INET6  # type: ignore[assignment]
+
+
+class _AcceptedUnix(_Accepted):
+    __slots__ = ()
+    family = socket.AF_UNIX  # type: ignore[assignment]
+
+
+_ACCEPTED: dict[int, type[socket.socket]] = {
+    socket.AF_INET: _Accepted,
+    socket.AF_INET6: _Accepted6,
+    socket.AF_UNIX: _AcceptedUnix,
+}
 
 
 def _tcp_listener(addr: str, port: int) -> socket.socket:

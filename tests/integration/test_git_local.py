@@ -295,6 +295,21 @@ def git_server(upstream, tmp_path) -> Iterator[GitServer]:
 # --- from the host, through an in-process gateway ------------------------------------------
 
 
+# Every test here runs with the gateway in one process and in two: with two, the
+# kernel gives each connection to either, and a helper hands a git request back to
+# the first process (which holds the credentials) with the bytes it has read.
+_PROCESSES: list[int] = [1]
+
+
+@pytest.fixture(params=[1, 2], ids=["1proc", "2proc"], autouse=True)
+def gateway_processes(request) -> Iterator[int]:
+    _PROCESSES[0] = request.param
+    try:
+        yield request.param
+    finally:
+        _PROCESSES[0] = 1
+
+
 @contextlib.contextmanager
 def gateway(policy_text: str, tmp_path: Path, server: GitServer, creds: Path) -> Iterator:
     loop = uvloop.new_event_loop()
@@ -314,6 +329,7 @@ def gateway(policy_text: str, tmp_path: Path, server: GitServer, creds: Path) ->
         resolver=resolve,
         credentials_dir=str(creds),
         upstream_ca_file=str(server.ca_cert),
+        processes=_PROCESSES[0],
     )
 
     async def start():
