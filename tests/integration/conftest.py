@@ -18,6 +18,7 @@ import pytest
 from netns import syscalls
 from runner.config import RunnerConfig
 from runner.sandbox import Sandbox, create_sandbox, destroy_sandbox
+from tests.integration.gateway_fixtures import GATEWAY_PROCESSES
 from tests.nsutil import run_in_netns, upstream_netns
 
 SANDBOX_PYTHON = "/usr/bin/python3"
@@ -113,6 +114,18 @@ class Upstream:
     host_ifname: str
     host_addr: IPv4Address
     addr: IPv4Address
+
+
+@pytest.fixture(params=[1, 2], ids=["1proc", "2proc"])
+def gateway_processes(request: pytest.FixtureRequest) -> Iterator[int]:
+    """A module that uses this (pytestmark usefixtures) runs each test twice: its
+    gateway in one process, then in two (a helper accepting beside the first;
+    gateway/workers.py). Its gateways read GATEWAY_PROCESSES[0]."""
+    GATEWAY_PROCESSES[0] = request.param
+    try:
+        yield request.param
+    finally:
+        GATEWAY_PROCESSES[0] = 1
 
 
 @pytest.fixture

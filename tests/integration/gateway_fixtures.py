@@ -26,6 +26,10 @@ from tests import nsutil
 from tests.nsutil import run_in_netns
 from tests.testca import TestCA
 
+# How many processes the in-process gateways of the test modules that take the
+# `gateway_processes` fixture (tests/integration/conftest.py) run with, per test.
+GATEWAY_PROCESSES: list[int] = [1]
+
 HTTP_PORT, HTTPS_PORT, ECHO_PORT, SINK_PORT = 80, 443, 7000, 7001
 
 # --- a test CA -------------------------------------------------------------------------

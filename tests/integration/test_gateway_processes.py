@@ -33,6 +33,7 @@ from tests.integration.test_proxy_local import (
     connect,
     echo_roundtrip,
     exchange,
+    http_and_echo,
     make_policy,
     open_tunnel,
     read_to_eof,
@@ -49,15 +50,8 @@ DENIED = b"GET http://evil.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n"
 
 @pytest.fixture
 def servers(upstream) -> Iterator[dict[str, UpstreamServer]]:
-    made = {
-        "http": UpstreamServer(upstream.netns, upstream.addr, HTTP_PORT, "http"),
-        "echo": UpstreamServer(upstream.netns, upstream.addr, ECHO_PORT, "echo"),
-    }
-    try:
+    with http_and_echo(upstream) as made:
         yield made
-    finally:
-        for server in made.values():
-            server.close()
 
 
 def helper_pids(run: RunningGateway) -> list[int]:

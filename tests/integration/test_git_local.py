@@ -36,6 +36,7 @@ from gateway.pktline import encode_pkt
 from gateway.policy import parse_policy
 from gateway.proxy import Gateway, GatewayConfig
 from runner.gateway_thread import proxy_env
+from tests.integration.gateway_fixtures import GATEWAY_PROCESSES
 from tests.nsutil import run_in_netns
 from tests.testca import make_test_ca
 
@@ -298,16 +299,7 @@ def git_server(upstream, tmp_path) -> Iterator[GitServer]:
 # Every test here runs with the gateway in one process and in two: with two, the
 # kernel gives each connection to either, and a helper hands a git request back to
 # the first process (which holds the credentials) with the bytes it has read.
-_PROCESSES: list[int] = [1]
-
-
-@pytest.fixture(params=[1, 2], ids=["1proc", "2proc"], autouse=True)
-def gateway_processes(request) -> Iterator[int]:
-    _PROCESSES[0] = request.param
-    try:
-        yield request.param
-    finally:
-        _PROCESSES[0] = 1
+pytestmark = pytest.mark.usefixtures("gateway_processes")
 
 
 @contextlib.contextmanager
@@ -329,7 +321,7 @@ def gateway(policy_text: str, tmp_path: Path, server: GitServer, creds: Path) ->
         resolver=resolve,
         credentials_dir=str(creds),
         upstream_ca_file=str(server.ca_cert),
-        processes=_PROCESSES[0],
+        processes=GATEWAY_PROCESSES[0],
     )
 
     async def start():

@@ -25,6 +25,7 @@ import uvloop
 from gateway.addr import IPAddress
 from gateway.policy import Policy, parse_policy
 from gateway.proxy import Gateway, GatewayConfig
+from tests.integration.gateway_fixtures import GATEWAY_PROCESSES
 from tests.nsutil import run_in_netns
 from tests.unit.test_audit import FIELDS
 
@@ -74,16 +75,7 @@ def fake_resolver(upstream_addr: IPv4Address | None) -> Callable[[str, int], lis
 # Every test here runs twice: with the gateway in one process, and with a helper
 # process beside it (GatewayConfig.processes = 2: both accept on the same listeners;
 # limits in shared memory; git, API and lookups through the first process).
-_PROCESSES: list[int] = [1]
-
-
-@pytest.fixture(params=[1, 2], ids=["1proc", "2proc"], autouse=True)
-def gateway_processes(request) -> Iterator[int]:
-    _PROCESSES[0] = request.param
-    try:
-        yield request.param
-    finally:
-        _PROCESSES[0] = 1
+pytestmark = pytest.mark.usefixtures("gateway_processes")
 
 
 class RunningGateway:
@@ -133,7 +125,7 @@ def running_gateway(
     settings = {
         "resolver": fake_resolver(upstream_addr),
         "connect_timeout": 3.0,
-        "processes": _PROCESSES[0],
+        "processes": GATEWAY_PROCESSES[0],
         **config,
     }
 
@@ -252,8 +244,9 @@ def request_complete(data: bytes) -> bool:
     return len(body) >= (int(m.group(1)) if m else 0)
 
 
-@pytest.fixture
-def servers(upstream) -> Iterator[dict[str, UpstreamServer]]:
+@contextlib.contextmanager
+def http_and_echo(upstream) -> Iterator[dict[str, UpstreamServer]]:
+    """An HTTP server on :80 and an echo server on :7000 in the upstream namespace."""
     made = {
         "http": UpstreamServer(upstream.netns, upstream.addr, HTTP_PORT, "http"),
         "echo": UpstreamServer(upstream.netns, upstream.addr, ECHO_PORT, "echo"),
@@ -263,6 +256,12 @@ def servers(upstream) -> Iterator[dict[str, UpstreamServer]]:
     finally:
         for server in made.values():
             server.close()
+
+
+@pytest.fixture
+def servers(upstream) -> Iterator[dict[str, UpstreamServer]]:
+    with http_and_echo(upstream) as made:
+        yield made
 
 
 # --- clients -------------------------------------------------------------------------
