@@ -63,6 +63,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -129,6 +130,7 @@ ACCEPT_RETRY = 0.1  # seconds without accepting after running out of descriptors
 MAX_BUFFERED = 64 * 1024  # received from a connection and not yet taken (_Stream)
 _RESPONSE_STATUS = re.compile(rb"HTTP/1\.[01] ([0-9]{3})")
 _ENDPOINTS = ("tcp", "unix")
+_AUDIT_FIELDS = len(dataclasses.fields(AuditRecord))
 VERDICTS_KEPT = 256  # per sandbox: checked answers reused (Gateway._resolve)
 DECISIONS_KEPT = 1024  # per sandbox: policy decisions reused (_decide)
 
@@ -526,15 +528,23 @@ class Gateway:
             os.close(fd)
         if op == "records":
             for item in header.get("records", ()):
-                self._helper_record(item.get("r"), bool(item.get("early")))
+                if isinstance(item, list) and len(item) == 2 and isinstance(item[1], list):
+                    self._helper_record(item[1], bool(item[0]))
+                else:
+                    log.error("gateway: a helper sent a malformed record; ignored")
         elif op == "denial":
-            self._helper_record(header.get("record"), early=False, notify=False)
+            record = header.get("record")
+            if isinstance(record, list):
+                self._helper_record(record, early=False, notify=False)
         elif op == "resolve":
             asyncio.get_running_loop().create_task(self._resolve_for_helper(index, header))
 
-    def _helper_record(self, data: Any, early: bool, notify: bool = True) -> None:
+    def _helper_record(self, values: list[Any], early: bool, notify: bool = True) -> None:
+        """A helper's record: the values of AuditRecord's fields, in order."""
         try:
-            record = AuditRecord(**data)
+            if len(values) != _AUDIT_FIELDS:
+                raise TypeError("not an audit record")
+            record = AuditRecord(*values)
         except TypeError:
             log.error("gateway: a helper sent a malformed audit record; ignored")
             return
@@ -642,8 +652,10 @@ class Gateway:
 
     def _redact(self, text: str) -> str:
         """`text` without any secret the git credential store holds (audit.redact)."""
+        if not text:
+            return text
         secrets = self._git.credentials.secrets()
-        return redact(text, secrets) if text and secrets else text
+        return redact(text, secrets) if secrets else text
 
     def _notify(self, record: AuditRecord) -> None:
         """GatewayConfig.on_record, if any; its errors are logged, never raised."""
@@ -751,7 +763,7 @@ class Gateway:
                 if self._link is not None:
                     # The sandbox may ask for its denials as soon as it has the answer.
                     record.duration_ms = round((time.monotonic() - ex.started) * 1000)
-                    self._link.denial(record.as_dict())
+                    self._link.denial(list(record.as_dict().values()))
                     ex.denial_sent = True
                 await self._refuse(client, r, record)
         except asyncio.CancelledError:
@@ -793,7 +805,8 @@ class Gateway:
             if ex.audit:
                 self._audit_add(record)
                 if self._link is not None:
-                    self._link.record(record.as_dict(), ex.denial_sent)
+                    if self._link.records_wanted or record.decision != "allow":
+                        self._link.record(record.as_dict(), ex.denial_sent)
                 elif record.decision != "allow":
                     sandbox.denials.append(record.as_dict())
 

@@ -365,10 +365,12 @@ class PrimaryLink:
 
     def record(self, record: dict[str, Any], early: bool) -> None:
         """A finished exchange's record, sent with others at the end of this loop
-        iteration (at once when RECORDS_PER_MESSAGE are waiting)."""
+        iteration (at once when RECORDS_PER_MESSAGE are waiting), as [early, values in
+        AuditRecord's field order]: a list encodes and decodes in about half the time
+        of the dict, and the daemon's metrics want every record."""
         if not self.records_wanted and (early or record["decision"] == "allow"):
             return
-        self._records.append({"r": record, "early": early})
+        self._records.append([early, list(record.values())])
         if len(self._records) >= RECORDS_PER_MESSAGE:
             self.flush()
         elif not self._flush_scheduled:
@@ -381,7 +383,7 @@ class PrimaryLink:
             records, self._records = self._records, []
             self.send({"op": "records", "records": records})
 
-    def denial(self, record: dict[str, Any]) -> None:
+    def denial(self, record: list[Any]) -> None:
         """A refusal, sent before the client gets it: the sandbox may ask for its
         denials as soon as it has the answer."""
         self.send({"op": "denial", "record": record})
