@@ -293,7 +293,7 @@ class WorkerPool:
         code = None
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                code = proc.wait(1.0)
+                code = proc.wait(0.2)  # its channel closed: it is exiting
             if code is None:
                 proc.kill()
                 code = proc.wait()
