@@ -141,8 +141,15 @@ _HAMMER = textwrap.dedent(
         if limits.open_connection():
             held += 1
             opened += 1
-        if table.open_count(1) > 4:
-            over += 1
+        # Counted under the lock: no one opens meanwhile, so the sum is a true upper
+        # bound (an unlocked sum of the cells can mix moments: one cell read before a
+        # close, another after an open that the close made room for).
+        table._lock(1)
+        try:
+            if table.open_count(1) > 4:
+                over += 1
+        finally:
+            table._unlock(1)
         if rounds % 2 == 0 and held:
             limits.close_connection()
             held -= 1
