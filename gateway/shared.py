@@ -210,7 +210,10 @@ class SharedTable:
         """Under the lock too, although only process `proc` writes its cell: without
         it, two processes hammering one slot under CPU contention did pass the cap
         (cells (3, 3) with a cap of 4, about one run in eight, in
-        test_two_processes_never_pass_the_limits_together); with it, never."""
+        test_two_processes_never_pass_the_limits_together); with it, never. The
+        same lock-free decrement written as one 8-byte ctypes store did not (0 in
+        16), so struct.pack_into's store, which is not one machine store, is
+        involved; every write here is therefore made under the lock."""
         at = slot * SLOT_SIZE + _OPEN_AT + 8 * proc
         self._lock(slot)
         try:
