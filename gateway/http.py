@@ -224,6 +224,11 @@ class RequestReader:
         if self._chunks is not None:
             self._chunks.limit = max_bytes
 
+    def received(self) -> bytes:
+        """Every byte fed and not yet read as a body: the request head exactly as it
+        was sent, then what followed it (before any body is read: the whole input)."""
+        return self._head + bytes(self._buf)
+
     def trailing_data(self) -> bytes:
         """Bytes received after the head of a CONNECT (or a bodiless request)."""
         return bytes(self._buf)

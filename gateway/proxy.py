@@ -76,7 +76,7 @@ import stat
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from ipaddress import ip_address
@@ -225,9 +225,8 @@ class _Exchange:
     audit: bool = True
     status_sniff: bytearray = field(default_factory=bytearray)
     deadlines: _Deadlines = field(init=False)
-    # A helper process keeps what it read until the head is parsed: a git or API
-    # request is handed to the first process with those bytes (`prefix` there).
-    raw: bytearray | None = None
+    # What was read from the connection before its transport was made (or, in the
+    # first process, what the helper that handed it over had read).
     prefix: bytes = b""
     denial_sent: bool = False  # a helper sent the refusal's record before answering
 
@@ -378,14 +377,10 @@ class Gateway:
     def _new_sandbox(self, sandbox_id: str, policy: Policy, slot: int | None = None) -> _Sandbox:
         """The sandbox's state; its limits in the shared table when there is one (the
         first process takes a free slot and fills it; a helper is told the slot)."""
-        sandbox = _Sandbox(
-            sandbox_id,
-            policy,
-            SandboxLimits.from_policy(policy.egress),
-            deque(maxlen=self.config.recent_denials),
-            context=contextvars.copy_context(),
-        )
-        if self._table is not None:
+        limits: SandboxLimits | SharedLimits
+        if self._table is None:
+            limits = SandboxLimits.from_policy(policy.egress)
+        else:
             if slot is None:
                 if not self._free_slots:
                     raise RuntimeError(
@@ -394,9 +389,16 @@ class Gateway:
                     )
                 slot = self._free_slots.pop()
                 self._table.set_limits(slot, policy.egress, keep_counts=False)
-            sandbox.slot = slot
-            sandbox.limits = SharedLimits(self._table, slot, self._proc)  # type: ignore[assignment]
-        return sandbox
+            limits = SharedLimits(self._table, slot, self._proc)
+        return _Sandbox(
+            sandbox_id,
+            policy,
+            limits,  # type: ignore[arg-type]
+            deque(maxlen=self.config.recent_denials),
+            slot=slot,
+            # Only the first process of several answers lookups in it.
+            context=contextvars.copy_context() if self._pool is not None else None,
+        )
 
     def _free_slot(self, sandbox: _Sandbox) -> None:
         if self._pool is not None and sandbox.slot is not None:
@@ -567,12 +569,7 @@ class Gateway:
             reply = {"refusal": [502, "error", "resolve", "the sandbox is gone"]}
         else:
             try:
-                assert sandbox.context is not None
-                answers = sandbox.context.run(local_answer, self.config.resolver, host, port)
-                if answers is None:
-                    answers = self._resolved.get((host, port))
-                if answers is None:
-                    answers = await self._lookup(host, port)
+                answers = await self._answers(host, port, sandbox.context)
                 reply = {"answers": [str(a) for a in answers]}
             except _Refusal as r:
                 reply = {"refusal": [r.status, r.decision, r.rule, r.reason]}
@@ -732,7 +729,6 @@ class Gateway:
         ex = _Exchange(
             AuditRecord(new_request_id(), sandbox.id, endpoint),
             counted=sandbox.limits.open_connection(),
-            raw=bytearray() if self._link is not None else None,
             prefix=prefix,
         )
         record = ex.record
@@ -805,7 +801,7 @@ class Gateway:
             if ex.audit:
                 self._audit_add(record)
                 if self._link is not None:
-                    if self._link.records_wanted or record.decision != "allow":
+                    if self._link.wants(record.decision, ex.denial_sent):
                         self._link.record(record.as_dict(), ex.denial_sent)
                 elif record.decision != "allow":
                     sandbox.denials.append(record.as_dict())
@@ -819,8 +815,6 @@ class Gateway:
         if ex.prefix:
             ex.received += len(ex.prefix)
             reader.feed(ex.prefix)
-            if ex.raw is not None:
-                ex.raw += ex.prefix
         req = await self._read_head(client, reader, ex)
         if req is None:
             ex.audit = False  # connected and closed without a byte: nothing was asked
@@ -828,7 +822,7 @@ class Gateway:
         record.method = req.method
         if req.kind is RequestKind.LOCAL:
             if self._link is not None:
-                self._hand_over(sandbox, client, ex)
+                self._hand_over(sandbox, client, reader, ex)
                 return
             if req.path.startswith(GIT_PREFIX):
                 record.path = audit_path(req.path)
@@ -889,13 +883,15 @@ class Gateway:
         finally:
             upstream.close()
 
-    def _hand_over(self, sandbox: _Sandbox, client: _Stream, ex: _Exchange) -> None:
+    def _hand_over(
+        self, sandbox: _Sandbox, client: _Stream, reader: RequestReader, ex: _Exchange
+    ) -> None:
         """In a helper: a git or API request goes to the first process (which holds
         the credentials and the sandbox's denials), with every byte read so far. The
         connection slot is given back first: the first process takes its own."""
-        assert self._link is not None and ex.raw is not None
+        assert self._link is not None
         sock = client.detach()
-        raw = bytes(ex.raw) + client.take()
+        raw = reader.received() + client.take()
         ex.audit = False  # the first process audits it
         if ex.counted:
             ex.counted = False
@@ -946,8 +942,6 @@ class Gateway:
                 if not data and not ex.received:
                     return None
                 ex.received += len(data)
-                if ex.raw is not None:
-                    ex.raw += data
                 reader.feed(data)
         except BadRequest as e:
             raise _Refusal(e.status, "deny", "http.malformed", e.reason) from None
@@ -977,11 +971,7 @@ class Gateway:
             elif self._link is not None:
                 answers = await self._ask_primary(sandbox, host, port)
             else:
-                answers = local_answer(self.config.resolver, host, port)
-                if answers is None:
-                    answers = self._resolved.get((host, port))
-                if answers is None:
-                    answers = await self._lookup(host, port)
+                answers = await self._answers(host, port)
             # The verdict on these answers, if they were checked against the same own
             # networks and allow_cidrs before (objects replaced, never changed, when
             # those change): an allow is reused, a refusal is never kept.
@@ -1011,6 +1001,23 @@ class Gateway:
                 "range can be opened with egress.allow_cidrs, loopback, link-local and "
                 "metadata addresses never.",
             ) from None
+
+    async def _answers(
+        self, host: str, port: int, context: contextvars.Context | None = None
+    ) -> Sequence[IPAddress]:
+        """The resolver's answers for a name, unchecked: without I/O when it can answer
+        (a pin, asked in `context` when given: a helper's lookup is answered in the
+        sandbox's) or answered within resolve_cache_ttl, else a lookup (_lookup)."""
+        resolver = self.config.resolver
+        if context is None:
+            answers = local_answer(resolver, host, port)
+        else:
+            answers = context.run(local_answer, resolver, host, port)
+        if answers is None:
+            answers = self._resolved.get((host, port))
+        if answers is None:
+            answers = await self._lookup(host, port)
+        return answers
 
     async def _ask_primary(self, sandbox: _Sandbox, host: str, port: int) -> list[IPAddress]:
         """In a helper: the first process's answers (its resolver, pins and cache), kept

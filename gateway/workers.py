@@ -351,7 +351,7 @@ class PrimaryLink:
     def __init__(self, index: int, sock: socket.socket, on_message, on_closed) -> None:
         self.index = index
         self.channel = Channel(sock, on_message, on_closed)
-        self._records: list[dict[str, Any]] = []
+        self._records: list[list[Any]] = []
         self._flush_scheduled = False
         self._seq = 0
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -363,13 +363,16 @@ class PrimaryLink:
     def handoff(self, sandbox_id: str, endpoint: str, raw: bytes, fd: int) -> None:
         self.send({"op": "handoff", "id": sandbox_id, "endpoint": endpoint}, raw, (fd,))
 
+    def wants(self, decision: str, early: bool) -> bool:
+        """Whether the first process wants a record: every one for its on_record hook;
+        without a hook, only the denials and errors not sent already (denial())."""
+        return self.records_wanted or (decision != "allow" and not early)
+
     def record(self, record: dict[str, Any], early: bool) -> None:
-        """A finished exchange's record, sent with others at the end of this loop
-        iteration (at once when RECORDS_PER_MESSAGE are waiting), as [early, values in
-        AuditRecord's field order]: a list encodes and decodes in about half the time
-        of the dict, and the daemon's metrics want every record."""
-        if not self.records_wanted and (early or record["decision"] == "allow"):
-            return
+        """A finished exchange's record (one it wants()), sent with others at the end
+        of this loop iteration (at once when RECORDS_PER_MESSAGE are waiting), as
+        [early, values in AuditRecord's field order]: a list encodes and decodes in
+        about half the time of the dict, and the daemon's metrics want every record."""
         self._records.append([early, list(record.values())])
         if len(self._records) >= RECORDS_PER_MESSAGE:
             self.flush()
@@ -411,11 +414,9 @@ _HELPER_MAIN = (
 
 
 def _die_with_parent(parent: int) -> None:
-    import ctypes
+    from runner import syscalls  # the same call the fork server and inits make
 
-    PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(0)  # the parent was already gone
 
@@ -465,7 +466,3 @@ def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=chan_fd)
     uvloop.run(_helper_main(index, sock, table_fd))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
