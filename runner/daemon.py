@@ -28,6 +28,7 @@ import signal
 import socket
 import stat
 import struct
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -261,7 +262,10 @@ class Daemon:
         """Test-only fault injection (TEST_STOP_ENV); a no-op otherwise."""
         if self._stop_at and self._stop_at == f"{operation}:{phase}":
             os.write(2, f"sandgate: test hook: stopping at {operation}:{phase}\n".encode())
-            os.kill(os.getpid(), signal.SIGSTOP)
+            # To this thread, not the process: kill(getpid()) hands the stop to the
+            # main thread, and until that one is scheduled this thread runs on (on a
+            # busy host it got as far as writing the next phase's record).
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
     # --- reconcile and restore ------------------------------------------------------------
 
