@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 DEFAULT_AUDIT_PATH = "/var/log/sandgate/audit.jsonl"
 REDACTED = "[REDACTED]"
@@ -137,6 +138,70 @@ if list(AuditRecord("", "", "", time="").as_dict()) != [f.name for f in fields(A
 # One encoder for every line: json.dumps with non-default arguments builds a new
 # JSONEncoder per call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+class Count(NamedTuple):
+    """Records of one kind ("egress", "git" or "api"), decision, label (the rule of
+    an allowed exchange, the reason of any other) and status, summed: how many, and
+    their bytes."""
+
+    kind: str
+    decision: str
+    label: str
+    status: int | None
+    requests: int
+    bytes_up: int
+    bytes_down: int
+
+
+def record_kind(record: AuditRecord) -> str:
+    if record.repo or record.service:
+        return "git"
+    if record.path and record.path.startswith("/_sandgate/"):
+        return "api"
+    return "egress"
+
+
+class Tally:
+    """Records summed as Counts, for counters that want every record but not each one
+    (GatewayConfig.on_counts): a gateway helper process sends these sums to the first
+    process instead of its records."""
+
+    def __init__(self) -> None:
+        self._sums: dict[tuple[str, str, str, int | None], list[int]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._sums)
+
+    def add(self, record: AuditRecord) -> None:
+        label = (record.rule if record.decision == "allow" else record.reason) or ""
+        key = (record_kind(record), record.decision, label, record.status)
+        sums = self._sums.get(key)
+        if sums is None:
+            self._sums[key] = [1, record.bytes_up, record.bytes_down]
+        else:
+            sums[0] += 1
+            sums[1] += record.bytes_up
+            sums[2] += record.bytes_down
+
+    def take(self) -> list[Count]:
+        """The sums since the last take(), and start again from nothing."""
+        sums, self._sums = self._sums, {}
+        return [Count(*key, *values) for key, values in sums.items()]
+
+
+def count_from_json(value: object) -> Count:
+    """A Count sent as a JSON list (by a helper process); ValueError if it is not one."""
+    if not isinstance(value, list) or len(value) != len(Count._fields):
+        raise ValueError("not a count")
+    kind, decision, label, status, *numbers = value
+    if not all(isinstance(v, str) for v in (kind, decision, label)):
+        raise ValueError("a count's kind, decision and label are strings")
+    if status is not None and (type(status) is not int):
+        raise ValueError("a count's status is an integer or null")
+    if not all(type(n) is int and n >= 0 for n in numbers):
+        raise ValueError("a count's numbers are integers, not negative")
+    return Count(kind, decision, label, status, *numbers)
 
 
 ROTATION_CHECK_S = 1.0

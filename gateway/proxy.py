@@ -95,7 +95,16 @@ from gateway.addr import (
     parse_ip_literal,
     system_resolver,
 )
-from gateway.audit import DEFAULT_AUDIT_PATH, AuditLog, AuditRecord, new_request_id, redact
+from gateway.audit import (
+    DEFAULT_AUDIT_PATH,
+    AuditLog,
+    AuditRecord,
+    Count,
+    Tally,
+    count_from_json,
+    new_request_id,
+    redact,
+)
 from gateway.credentials import DEFAULT_CREDENTIALS_DIR, CredentialStore
 from gateway.git import (
     DEFAULT_MAX_FETCH_BODY,
@@ -153,9 +162,18 @@ class GatewayConfig:
     addresses are checked again on every use, and failures are never reused.
 
     `on_record`: called on the loop thread with every AuditRecord right after its line
-    is written to the audit log (for counters: decisions by rule, bytes, rate-limit
-    hits). It must be quick and must not keep or modify the record; whatever it raises
-    is logged and ignored, never failing a request.
+    is written to the audit log (for whatever wants each record; counters want
+    on_counts). It must be quick and must not keep or modify the record; whatever it raises
+    is logged and ignored, never failing a request. With several processes, every
+    helper sends every record to the first process for it (~5-10 us a request).
+
+    `on_counts`: called on the loop thread with the records of the last moments summed
+    as audit.Counts (by kind, decision, rule or reason, status: how many, bytes up and
+    down), after their lines are written; for counters, which want every record but
+    not each one. The first process's own records are summed per turn of its loop; a
+    helper sends its sums every workers.COUNTS_INTERVAL seconds (and before a sandbox's
+    removal is acknowledged, and when it ends), so a count may lag by that much; a
+    helper that is killed takes its unsent sums with it. Errors as for on_record.
 
     `processes`: how many processes serve the sandboxes' connections (1 to
     gateway.shared.MAX_PROCESSES). Above 1, the gateway starts processes - 1 helpers
@@ -179,6 +197,7 @@ class GatewayConfig:
     git_max_fetch_body: int = DEFAULT_MAX_FETCH_BODY
     git_max_response: int = DEFAULT_MAX_RESPONSE
     on_record: Callable[[AuditRecord], None] | None = None
+    on_counts: Callable[[list[Count]], None] | None = None
     processes: int = 1
     max_sandboxes: int = 1024
 
@@ -311,6 +330,10 @@ class Gateway:
         self._audit = AuditLog(config.audit_path)
         self._audit_flush_due = False
         self._to_notify: list[AuditRecord] = []
+        # Records summed for on_counts: in a helper, the link's (it sends them).
+        self._tally: Tally | None = (
+            link.tally if link is not None else Tally() if config.on_counts else None
+        )
         self._sandboxes: dict[str, _Sandbox] = {}
         self._resolver_pool = ThreadPoolExecutor(
             config.resolver_threads, thread_name_prefix="sandgate-resolve"
@@ -423,6 +446,7 @@ class Gateway:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+        self._audit_flush()
         if self._link is not None:
             self._link.flush()
         if self._table is not None and self._link is None:
@@ -490,11 +514,12 @@ class Gateway:
             self.config,
             resolver=system_resolver,  # never used: a helper asks this process
             on_record=None,
+            on_counts=None,
             credentials_dir=None,  # a helper never holds a credential
             processes=1,
         )
         state: list[tuple[tuple, list[int]]] = [
-            (("config", config, self.config.on_record is not None), [])
+            (("config", config, self.config.on_record is not None, self._tally is not None), [])
         ]
         state.extend(self._add_message(s) for s in self._sandboxes.values())
         return state
@@ -534,6 +559,13 @@ class Gateway:
                     self._helper_record(item[1], bool(item[0]))
                 else:
                     log.error("gateway: a helper sent a malformed record; ignored")
+        elif op == "counts":
+            try:
+                counts = [count_from_json(c) for c in header.get("counts", ())]
+            except (TypeError, ValueError) as e:
+                log.error("gateway: a helper sent malformed counts (%s); ignored", e)
+            else:
+                self._deliver_counts(counts)
         elif op == "denial":
             record = header.get("record")
             if isinstance(record, list):
@@ -619,14 +651,17 @@ class Gateway:
     async def _remove_for_primary(self, sandbox_id: str) -> None:
         assert self._link is not None
         await self.remove_sandbox(sandbox_id)
-        self._link.flush()  # the records of the connections just closed, first
+        # The records and sums of the connections just closed, first.
+        self._audit_flush()
+        self._link.flush()
         self._link.send({"op": "removed", "id": sandbox_id})
 
     def _audit_add(self, record: AuditRecord) -> None:
         """The record's line, written with the others of this turn of the loop; then
-        the on_record hook sees it (after its line is written, as promised)."""
+        the on_record hook sees it and the tally counts it (after its line is written,
+        as promised)."""
         full = self._audit.add(record)
-        if self._link is None and self.config.on_record is not None:
+        if self._tally is not None or (self._link is None and self.config.on_record is not None):
             self._to_notify.append(record)
         if full:
             self._audit_flush()
@@ -644,8 +679,18 @@ class Gateway:
         except OSError as e:
             log.error("gateway: cannot write the audit log %s: %s", self._audit.path, e)
         notify, self._to_notify = self._to_notify, []
+        tally = self._tally
+        if tally is not None:
+            for record in notify:
+                tally.add(record)
+            if self._link is not None:
+                if tally:
+                    self._link.counts_due()
+                return
         for record in notify:
             self._notify(record)
+        if tally:
+            self._deliver_counts(tally.take())
 
     def _redact(self, text: str) -> str:
         """`text` without any secret the git credential store holds (audit.redact)."""
@@ -653,6 +698,18 @@ class Gateway:
             return text
         secrets = self._git.credentials.secrets()
         return redact(text, secrets) if secrets else text
+
+    def _deliver_counts(self, counts: list[Count]) -> None:
+        """GatewayConfig.on_counts, if any; its errors are logged, never raised."""
+        hook = self.config.on_counts
+        if hook is None or not counts:
+            return
+        try:
+            hook(counts)
+        except Exception:
+            log.error(
+                "gateway: the on_counts hook failed\n%s", self._redact(traceback.format_exc())
+            )
 
     def _notify(self, record: AuditRecord) -> None:
         """GatewayConfig.on_record, if any; its errors are logged, never raised."""

@@ -44,6 +44,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gateway.audit import Tally
+
 log = logging.getLogger("sandgate.gateway")
 
 MAX_MESSAGE = 256 * 1024  # the channel's socket buffers are at least this
@@ -53,6 +55,7 @@ EXIT_TIMEOUT = 2.0
 RESTARTS_ALLOWED = 5
 RESTART_WINDOW = 60.0
 RECORDS_PER_MESSAGE = 100
+COUNTS_INTERVAL = 0.1
 
 
 class Channel:
@@ -356,6 +359,10 @@ class PrimaryLink:
         self._seq = 0
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.records_wanted = True
+        # Set when the first process has an on_counts hook: the helper's Gateway sums
+        # its records here, sent every COUNTS_INTERVAL seconds.
+        self.tally: Tally | None = None
+        self._counts_scheduled: asyncio.TimerHandle | None = None
 
     def send(self, header: dict[str, Any], payload: bytes = b"", fds: tuple[int, ...] = ()):
         self.channel.send(encode_up(header, payload), fds)
@@ -380,11 +387,28 @@ class PrimaryLink:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
+    def counts_due(self) -> None:
+        """The tally has sums: send them within COUNTS_INTERVAL seconds."""
+        if self._counts_scheduled is None:
+            loop = asyncio.get_running_loop()
+            self._counts_scheduled = loop.call_later(COUNTS_INTERVAL, self._send_counts)
+
+    def _send_counts(self) -> None:
+        self._counts_scheduled = None
+        if self.tally:
+            counts = self.tally.take()
+            for at in range(0, len(counts), RECORDS_PER_MESSAGE):
+                self.send({"op": "counts", "counts": counts[at : at + RECORDS_PER_MESSAGE]})
+
     def flush(self) -> None:
+        """Send the records and sums kept so far, now."""
         self._flush_scheduled = False
         if self._records:
             records, self._records = self._records, []
             self.send({"op": "records", "records": records})
+        if self._counts_scheduled is not None:
+            self._counts_scheduled.cancel()
+            self._send_counts()
 
     def denial(self, record: list[Any]) -> None:
         """A refusal, sent before the client gets it: the sandbox may ask for its
@@ -436,8 +460,9 @@ async def _helper_main(index: int, sock: socket.socket, table_fd: int) -> None:
                 done.set_result(None)
             return
         if message[0] == "config":
-            gateway.append(Gateway(message[1], link=link, table=table, proc=index))
             link.records_wanted = bool(message[2])
+            link.tally = Tally() if message[3] else None
+            gateway.append(Gateway(message[1], link=link, table=table, proc=index))
             return
         gateway[0]._from_primary(message, fds)
 

@@ -31,6 +31,7 @@ from tests.integration.test_proxy_local import (
     RunningGateway,
     UpstreamServer,
     connect,
+    counted,
     echo_roundtrip,
     exchange,
     http_and_echo,
@@ -234,6 +235,36 @@ def test_a_helper_that_dies_is_replaced(tmp_path, upstream, servers) -> None:
         for s in (a, b):
             assert echo_roundtrip(s, b"x") == b"x"
             s.close()
+
+
+def test_a_helpers_counts_reach_the_first_processs_hook(tmp_path, upstream, servers) -> None:
+    """What a helper served is counted in the first process: its sums come every
+    COUNTS_INTERVAL, and a removed sandbox's last ones before the removal returns."""
+    seen: list = []
+    with running_gateway(
+        tmp_path, upstream_addr=upstream.addr, processes=2, on_counts=seen.append
+    ) as run:
+        with first_process_blocked(run, 1.0):
+            denied = [exchange(run, DENIED) for _ in range(3)]
+            tunnel = open_tunnel(run, f"upstream.test:{ECHO_PORT}")
+            assert echo_roundtrip(tunnel, b"x" * 1000) == b"x" * 1000
+            assert len(run.audit()) == 3  # the helper wrote them; the tunnel is open
+        assert [status(r) for r in denied] == [403] * 3
+        counted(seen, 3)
+        assert sum(c.requests for batch in seen for c in batch) == 3
+        # The tunnel's record is made when the removal cuts it, in the helper.
+        run.call(run.gateway.remove_sandbox("sbtest"))
+        counts = [c for batch in seen for c in batch]
+        tunnel.close()
+    (tunnel_count,) = [c for c in counts if c.decision == "allow"]
+    assert (tunnel_count.requests, tunnel_count.bytes_up, tunnel_count.bytes_down) == (
+        1,
+        1000,
+        1000,
+    )
+    assert [(c.decision, c.status, c.requests) for c in counts if c.decision != "allow"] == [
+        ("deny", 403, 3)
+    ]
 
 
 def test_removing_a_sandbox_closes_every_processs_listener(tmp_path) -> None:

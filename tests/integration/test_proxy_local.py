@@ -754,6 +754,73 @@ def test_a_failing_on_record_hook_breaks_nothing(tmp_path) -> None:
     assert lines[-1]["rule"] == "egress.rate"
 
 
+def counted(seen: list, total: int, timeout: float = 5) -> list:
+    """Every Count the on_counts hook was given (`seen`: lists of them), once they sum
+    to `total` requests: a helper sends its sums every COUNTS_INTERVAL seconds."""
+    deadline = time.monotonic() + timeout
+    while sum(c.requests for batch in list(seen) for c in batch) < total:
+        assert time.monotonic() < deadline, f"counted {list(seen)}, expected {total} requests"
+        time.sleep(0.02)
+    return [c for batch in list(seen) for c in batch]
+
+
+@pytest.mark.root
+def test_on_counts_hook_sums_every_decision(tmp_path, upstream, servers) -> None:
+    """The sums match the audit lines, whichever process made them (with two, a
+    helper sends its sums; the calls come on the first process's loop)."""
+    seen: list = []
+    threads: set[int] = set()
+
+    def hook(counts) -> None:
+        seen.append(counts)
+        threads.add(threading.get_ident())
+
+    policy = make_policy(rate=1000, burst=20)
+    with running_gateway(
+        tmp_path, policy=policy, upstream_addr=upstream.addr, on_counts=hook
+    ) as run:
+        for _ in range(10):
+            assert exchange(run, raw_request(GET)) == OK_RESPONSE
+        for _ in range(6):
+            raw = b"GET http://evil.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+            assert status(exchange(run, raw)) == 403
+        assert status(exchange(run, raw_request(GET, "X: a\x00b"))) == 400
+        lines = run.last_audit(17)
+        counts = counted(seen, 17)
+    assert len(lines) == 17 and threads == {run.thread.ident}
+    by_key: dict = {}
+    for c in counts:
+        key = (c.kind, c.decision, c.label, c.status)
+        total = by_key.setdefault(key, [0, 0, 0])
+        for i, n in enumerate((c.requests, c.bytes_up, c.bytes_down)):
+            total[i] += n
+    allowed = [x for x in lines if x["decision"] == "allow"]
+    assert by_key.pop(("egress", "allow", "egress.allow[0]", 200)) == [
+        10,
+        sum(x["bytes_up"] for x in allowed),
+        10 * len(OK_RESPONSE),
+    ]
+    denied = {x["reason"] for x in lines if x["status"] == 403}
+    assert len(denied) == 1
+    assert by_key.pop(("egress", "deny", denied.pop(), 403)) == [6, 0, 0]
+    (bad,) = (x for x in lines if x["status"] == 400)
+    assert by_key.pop(("egress", bad["decision"], bad["reason"], 400)) == [1, bad["bytes_up"], 0]
+    assert by_key == {}
+
+
+def test_a_failing_on_counts_hook_breaks_nothing(tmp_path) -> None:
+    calls: list = []
+
+    def hook(counts) -> None:
+        calls.append(counts)
+        raise RuntimeError("metrics are down")
+
+    with running_gateway(tmp_path, on_counts=hook) as run:
+        raw = b"GET http://evil.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+        assert [status(exchange(run, raw)) for _ in range(3)] == [403] * 3
+        counted(calls, 3)
+
+
 @pytest.mark.root
 def test_own_addresses_can_be_replaced(tmp_path, upstream, servers) -> None:
     async def set_own(addrs) -> None:

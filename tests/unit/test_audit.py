@@ -7,7 +7,19 @@ import os
 import re
 import threading
 
-from gateway.audit import REDACTED, AuditLog, AuditRecord, new_request_id, redact, rfc3339_now
+import pytest
+
+from gateway.audit import (
+    REDACTED,
+    AuditLog,
+    AuditRecord,
+    Count,
+    Tally,
+    count_from_json,
+    new_request_id,
+    redact,
+    rfc3339_now,
+)
 
 FIELDS = {
     "request_id",
@@ -180,3 +192,50 @@ def test_time_changes_with_the_millisecond(monkeypatch) -> None:
     ):
         monkeypatch.setattr(audit.time, "time", lambda ms=ms: ms / 1000 + 0.0004)
         assert rfc3339_now() == text
+
+
+def test_a_tally_sums_records_by_kind_decision_label_and_status() -> None:
+    tally = Tally()
+    assert not tally and tally.take() == []
+    allowed = dict(decision="allow", rule="egress.allow[0]", status=200)
+    tally.add(AuditRecord("1", "sb", "tcp", bytes_up=10, bytes_down=100, **allowed))
+    tally.add(AuditRecord("2", "sb", "tcp", bytes_up=5, bytes_down=1, reason="x", **allowed))
+    tally.add(AuditRecord("3", "sb", "tcp", decision="deny", rule="egress.rate", status=429))
+    tally.add(AuditRecord("4", "sb", "tcp", decision="deny", rule="r", reason="why", status=403))
+    tally.add(AuditRecord("5", "sb", "unix", path="/_sandgate/v1/policy", **allowed))
+    tally.add(AuditRecord("6", "sb", "tcp", service="upload-pack", **allowed))
+    assert tally
+    counts = sorted(tally.take())
+    assert counts == [
+        Count("api", "allow", "egress.allow[0]", 200, 1, 0, 0),
+        Count("egress", "allow", "egress.allow[0]", 200, 2, 15, 101),
+        Count("egress", "deny", "", 429, 1, 0, 0),  # the label of a refusal is its reason
+        Count("egress", "deny", "why", 403, 1, 0, 0),
+        Count("git", "allow", "egress.allow[0]", 200, 1, 0, 0),
+    ]
+    assert not tally and tally.take() == []  # take() starts again from nothing
+
+
+def test_a_count_travels_as_a_json_list() -> None:
+    count = Count("egress", "deny", "why", None, 3, 0, 7)
+    assert count_from_json(json.loads(json.dumps(count))) == count
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"kind": "egress"},
+        ["egress", "allow", "r", 200, 1, 0],  # one short
+        ["egress", "allow", "r", 200, 1, 0, 0, 0],
+        [1, "allow", "r", 200, 1, 0, 0],
+        ["egress", "allow", None, 200, 1, 0, 0],
+        ["egress", "allow", "r", "200", 1, 0, 0],
+        ["egress", "allow", "r", True, 1, 0, 0],
+        ["egress", "allow", "r", 200, -1, 0, 0],
+        ["egress", "allow", "r", 200, 1, 0.5, 0],
+        ["egress", "allow", "r", 200, 1, 0, False],
+    ],
+)
+def test_a_malformed_count_is_refused(value) -> None:
+    with pytest.raises(ValueError):
+        count_from_json(value)
