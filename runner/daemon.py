@@ -209,9 +209,8 @@ class Daemon:
             # Room in the gateway's shared limits table for every sandbox the daemon
             # may have, and for those being removed while new ones are made.
             max_sandboxes=self.dconfig.max_sandboxes + 64,
+            on_counts=self.metrics.observe_counts,
         )
-        if "on_record" in {f.name for f in dataclasses.fields(GatewayConfig)}:
-            gw_config = dataclasses.replace(gw_config, on_record=self.metrics.observe_record)
         self.gateway = Gateway(gw_config)
         await self._reconcile_at_start()
         self._servers.append(self._listen_control())

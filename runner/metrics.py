@@ -1,7 +1,7 @@
 """The daemon's metrics, in the Prometheus text format (prometheus-client).
 
 Owns the metric definitions (one registry per daemon, no module-level state) and
-turning the gateway's audit records into request, byte and rate-limit counts. Served
+turning the gateway's summed audit records into request, byte and rate-limit counts. Served
 on a root-only Unix socket (and, if configured, a loopback TCP port) by runner/daemon.py:
 `curl --unix-socket /run/sandgate/metrics.sock http://sandgate/metrics`.
 """
@@ -72,22 +72,17 @@ class DaemonMetrics:
             registry=r,
         )
 
-    def observe_record(self, record) -> None:
-        """One gateway AuditRecord (GatewayConfig.on_record), on the gateway's loop."""
-        if record.repo or record.service:
-            kind = "git"
-        elif record.path and record.path.startswith("/_sandgate/"):
-            kind = "api"
-        else:
-            kind = "egress"
-        reason = (record.reason if record.decision != "allow" else record.rule) or ""
-        self.requests.labels(kind, record.decision, reason[:80]).inc()
-        if record.bytes_up:
-            self.bytes.labels("up").inc(record.bytes_up)
-        if record.bytes_down:
-            self.bytes.labels("down").inc(record.bytes_down)
-        if record.status == 429:
-            self.rate_limited.inc()
+    def observe_counts(self, counts) -> None:
+        """The gateway's records summed (GatewayConfig.on_counts; gateway.audit.Count),
+        on the gateway's loop."""
+        for c in counts:
+            self.requests.labels(c.kind, c.decision, c.label[:80]).inc(c.requests)
+            if c.bytes_up:
+                self.bytes.labels("up").inc(c.bytes_up)
+            if c.bytes_down:
+                self.bytes.labels("down").inc(c.bytes_down)
+            if c.status == 429:
+                self.rate_limited.inc(c.requests)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -478,6 +478,37 @@ def test_logs_show_allowed_and_denied_requests(daemon, world):
     assert "/other-sandbox" not in daemon.cli("logs", sid).stdout
 
 
+def test_gateway_metrics_count_every_request(daemon, world):
+    """Whichever gateway process served a request (two here on a 2-CPU host), it is
+    counted, and the counts match the audit log."""
+    sid = daemon.create(*world.box_args())
+
+    def counts() -> tuple[float, float, float]:
+        text = daemon.metrics()
+        name = "sandgate_gateway_requests_total"
+        return (
+            metric(text, name, 0.0, kind="egress", decision="allow"),
+            metric(text, name, 0.0, kind="egress", decision="deny"),
+            metric(text, "sandgate_gateway_bytes_total", 0.0, direction="down"),
+        )
+
+    before = counts()
+    each = "curl -sS -o /dev/null -w '%{http_code}\\n' --max-time 15"
+    script = (
+        f"for i in 1 2 3 4 5 6 7 8; do {each} http://upstream.test/counted$i; done; "
+        f"for i in 1 2 3; do {each} http://denied.test/counted$i; done"
+    )
+    r = daemon.exec(sid, "sh", "-c", script)
+    assert r.stdout.split() == ["200"] * 8 + ["403"] * 3, r.stderr
+    mine = [a for a in daemon.audit() if a["sandbox"] == sid]
+    assert len(mine) == 11
+    expected = (8.0, 3.0, float(sum(a["bytes_down"] for a in mine)))
+    deadline = time.monotonic() + 5  # a helper sends its sums every 0.1 s
+    while (delta := tuple(a - b for a, b in zip(counts(), before, strict=True))) != expected:
+        assert time.monotonic() < deadline, f"counted {delta}, expected {expected}"
+        time.sleep(0.05)
+
+
 def test_egress_http_and_https_with_audit(daemon, world):
     sid = daemon.create(*world.box_args())
     addr = daemon.records()[sid]["sandbox_addr"]
