@@ -19,11 +19,13 @@ What runs where (nothing leaves the machine, no name is ever looked up):
              run` runs it; the main thread only waits), a policy allowing
              upstream.bench.test on 8080 and 9000 with allow_cidrs ["10.214.0.0/16"], the
              name pinned to 10.214.N.2 (no DNS fallback), audit log to a file. Listens on
-             127.0.0.1. "gateway": with as many processes as `sandgate serve` uses by
-             default ([gateway] processes = "auto": one per CPU, at most 8; the helpers
-             are its children, and their CPU is counted with it); "gateway-1proc": one
-             process (the embedded `sandgate run`'s default), for the request rate and
-             latency; "gateway-nosplice": one process, splice off, for tunnels only.
+             127.0.0.1. "gateway": as `sandgate serve` runs it: as many processes as
+             it uses by default ([gateway] processes = "auto": one per CPU, at most 8;
+             the helpers are its children, and their CPU is counted with it) and the
+             daemon's metrics counting every decision (GatewayConfig.on_counts);
+             "gateway-nometrics": the same without the metrics; "gateway-1proc": one
+             process, no metrics (the embedded `sandgate run`), for the request rate
+             and latency; "gateway-nosplice": one process, splice off, for tunnels only.
   tinyproxy  its own instance (tinyproxy -d -c <temp conf>) on 127.0.0.1, LogLevel Warning
              (one log line per connection, like the audit line), upstream by IP literal.
   clients    on the host. Bulk and latency: this process (blocking sockets). Request
@@ -176,7 +178,7 @@ def serve_upstream(addr: str) -> None:
 
 
 def serve_gateway(
-    upstream_ip: str, host_end: str, port: int, splice: bool, tmp: str, processes: int
+    upstream_ip: str, host_end: str, port: int, splice: bool, tmp: str, processes: int, hook: str
 ) -> None:
     from ipaddress import IPv4Address, ip_address
 
@@ -188,8 +190,14 @@ def serve_gateway(
     def no_dns(host: str, port: int):
         raise socket.gaierror(socket.EAI_NONAME, f"{host}: not pinned (the bench uses no DNS)")
 
-    tag = f"{'splice' if splice else 'nosplice'}-{processes}"
+    tag = f"{'splice' if splice else 'nosplice'}-{processes}-{hook}"
+    on_counts = None
+    if hook == "metrics":  # what `sandgate serve` counts every request with
+        from runner.metrics import DaemonMetrics
+
+        on_counts = DaemonMetrics().observe_counts
     config = GatewayConfig(
+        on_counts=on_counts,
         processes=processes,
         audit_path=f"{tmp}/audit-{tag}.jsonl",
         resolver=pinned_resolver({UPSTREAM_NAME: [ip_address(upstream_ip)]}, no_dns),
@@ -615,8 +623,8 @@ def main() -> int:
         serve_upstream(args._role[1])
         return 0
     if args._role[:1] == ["_gateway"]:
-        _, ip, host_end, port, splice, tmp, processes = args._role
-        serve_gateway(ip, host_end, int(port), splice == "on", tmp, int(processes))
+        _, ip, host_end, port, splice, tmp, processes, hook = args._role
+        serve_gateway(ip, host_end, int(port), splice == "on", tmp, int(processes), hook)
         return 0
     if args.quick:
         args.rounds, args.bulk_mib, args.rate_seconds, args.latency_n = 1, 128, 3.0, 300
@@ -642,23 +650,23 @@ def main() -> int:
 
         gateways = []
         processes = DaemonConfig().gateway_processes()  # what `sandgate serve` uses here
-        for name, splice, n in (
-            ("gateway", "on", processes),
-            ("gateway-1proc", "on", 1),
-            ("gateway-nosplice", "off", 1),
+        for name, splice, n, hook in (
+            ("gateway", "on", processes, "metrics"),
+            ("gateway-1proc", "on", 1, "none"),
+            ("gateway-nosplice", "off", 1, "none"),
+            ("gateway-nometrics", "on", processes, "none"),
         ):
             port = free_port()
-            proc = start_child(
-                b, [*me, "_gateway", b.upstream_ip, b.host_end, str(port), splice, b.tmp, str(n)]
-            )
+            role = [b.upstream_ip, b.host_end, str(port), splice, b.tmp, str(n), hook]
+            proc = start_child(b, [*me, "_gateway", *role])
             gateways.append(Target(name, ("127.0.0.1", port), UPSTREAM_NAME, proc.pid))
-        gw, gw_1proc, gw_nosplice = gateways
+        gw, gw_1proc, gw_nosplice, gw_nometrics = gateways
         tp_proc, tp_port = start_tinyproxy(b, "Warning")
         tp = Target("tinyproxy", ("127.0.0.1", tp_port), b.upstream_ip, tp_proc.pid)
         tpl_proc, tpl_port = start_tinyproxy(b, "Connect")
         tp_log = Target("tinyproxy-log", ("127.0.0.1", tpl_port), b.upstream_ip, tpl_proc.pid)
         direct = Target("direct", None, b.upstream_ip)
-        main_targets = [gw, gw_1proc, tp, tp_log, direct]
+        main_targets = [gw, gw_nometrics, gw_1proc, tp, tp_log, direct]
         bulk_targets = [gw, gw_nosplice, tp, direct]
 
         for t in [*bulk_targets, tp_log]:  # sanity: every path works before anything is timed
@@ -678,13 +686,14 @@ def main() -> int:
         print(
             f"upstream {b.upstream_ip} in netns {b.ns}; clients, gateway and tinyproxy on the "
             f"host (proxies on 127.0.0.1); audit log and tinyproxy log in {b.tmp}\n"
-            f'gateway: {processes} process(es) ([gateway] processes = "auto" here); '
-            "gateway-1proc and gateway-nosplice: 1\n"
+            f'gateway: {processes} process(es) ([gateway] processes = "auto" here) and the '
+            "daemon's metrics; gateway-nometrics: the same without them; gateway-1proc and "
+            "gateway-nosplice: 1 process, no metrics\n"
             "tinyproxy: LogLevel Warning (no per-request log); tinyproxy-log: LogLevel Connect "
             "(3 log lines a request, each fsync()ed)\n"
         )
-        pids = [b.upstream_pid, *(t.pid for t in (gw, gw_1proc, gw_nosplice, tp, tp_log) if t.pid)]
-        pids += [c for t in (gw,) if t.pid for c in children(t.pid)]
+        pids = [b.upstream_pid, *(t.pid for t in [*gateways, tp, tp_log] if t.pid)]
+        pids += [c for t in (gw, gw_nometrics) if t.pid for c in children(t.pid)]
 
         size = args.bulk_mib * MIB
         usage = Usage(pids)
@@ -752,6 +761,8 @@ def main() -> int:
             )
         print(
             f"   gateway/tinyproxy {med_rate['gateway'] / med_rate['tinyproxy']:.2f}x, "
+            f"gateway-nometrics/tinyproxy "
+            f"{med_rate['gateway-nometrics'] / med_rate['tinyproxy']:.2f}x, "
             f"gateway-1proc/tinyproxy {med_rate['gateway-1proc'] / med_rate['tinyproxy']:.2f}x, "
             f"gateway/tinyproxy-log {med_rate['gateway'] / med_rate['tinyproxy-log']:.2f}x, "
             f"gateway/direct {med_rate['gateway'] / med_rate['direct']:.2f}x\n"
@@ -779,7 +790,7 @@ def main() -> int:
             )
             print(f"   {name:<14} {p50:>8.3f} {p90:>8.3f} {p99:>8.3f} {add}")
 
-        with open(f"{b.tmp}/audit-splice-{processes}.jsonl") as f:
+        with open(f"{b.tmp}/audit-splice-{processes}-metrics.jsonl") as f:
             audit_lines = sum(1 for _ in f)
         made = (
             3  # the sanity checks
