@@ -327,6 +327,9 @@ class Gateway:
         if not 1 <= config.processes <= MAX_PROCESSES:
             raise ValueError(f"gateway processes must be 1 to {MAX_PROCESSES}")
         self.config = config
+        # Made on its loop's thread, in the loop (asyncio's get_running_loop asks the
+        # kernel for the pid on every call in Python 3.11: ~6 times a request).
+        self._loop = asyncio.get_running_loop()
         self._audit = AuditLog(config.audit_path)
         self._audit_flush_due = False
         self._to_notify: list[AuditRecord] = []
@@ -545,9 +548,7 @@ class Gateway:
                 return
             conn = socket.socket(fileno=fds[0])
             conn.setblocking(False)
-            task = asyncio.get_running_loop().create_task(
-                self._serve(sandbox, conn, endpoint, prefix=payload)
-            )
+            task = self._loop.create_task(self._serve(sandbox, conn, endpoint, prefix=payload))
             sandbox.connections.add(task)
             task.add_done_callback(sandbox.connections.discard)
             return
@@ -571,7 +572,7 @@ class Gateway:
             if isinstance(record, list):
                 self._helper_record(record, early=False, notify=False)
         elif op == "resolve":
-            asyncio.get_running_loop().create_task(self._resolve_for_helper(index, header))
+            self._loop.create_task(self._resolve_for_helper(index, header))
 
     def _helper_record(self, values: list[Any], early: bool, notify: bool = True) -> None:
         """A helper's record: the values of AuditRecord's fields, in order."""
@@ -636,7 +637,7 @@ class Gateway:
         for fd in fds:
             os.close(fd)
         if op == "remove":
-            asyncio.get_running_loop().create_task(self._remove_for_primary(message[1]))
+            self._loop.create_task(self._remove_for_primary(message[1]))
         elif op == "policy":
             with contextlib.suppress(KeyError):
                 self.update_policy(message[1], message[2])
@@ -667,7 +668,7 @@ class Gateway:
             self._audit_flush()
         elif not self._audit_flush_due:
             self._audit_flush_due = True
-            asyncio.get_running_loop().call_soon(self._audit_flush_soon)
+            self._loop.call_soon(self._audit_flush_soon)
 
     def _audit_flush_soon(self) -> None:
         self._audit_flush_due = False
@@ -730,12 +731,12 @@ class Gateway:
         listener is registered with the loop once (loop.sock_accept would register and
         unregister it for every wait, and uvloop's own server takes one connection per
         loop iteration, which ties the request rate to the loop's iteration rate)."""
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sandbox, sock, endpoint)
+        self._loop.add_reader(sock.fileno(), self._accept, sandbox, sock, endpoint)
 
     def _accept(self, sandbox: _Sandbox, sock: socket.socket, endpoint: str) -> None:
         """Take up to ACCEPT_BATCH queued connections (the bound keeps a flood of new
         connections from starving those already open); each gets a task (_serve)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         kind = _Accepted.of(socket.AF_UNIX if endpoint == "unix" else _family(sandbox.tcp_addr))
         for _ in range(ACCEPT_BATCH):
             try:
@@ -764,7 +765,7 @@ class Gateway:
 
     async def _stop(self, sandbox: _Sandbox) -> None:
         sandbox.stopped = True
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         for sock in sandbox.listeners:
             loop.remove_reader(sock.fileno())
         tasks = list(sandbox.connections)
@@ -789,8 +790,8 @@ class Gateway:
             prefix=prefix,
         )
         record = ex.record
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+        loop = self._loop
+        task = asyncio.current_task(loop)
         assert task is not None
         config = self.config
         head_limit = config.head_timeout if ex.counted else REFUSED_HEAD_TIMEOUT
@@ -1098,7 +1099,7 @@ class Gateway:
 
     async def _lookup(self, host: str, port: int) -> list[IPAddress]:
         """The resolver's blocking answer, from the thread pool (502, 504)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 answers = await loop.run_in_executor(
@@ -1137,7 +1138,7 @@ class Gateway:
         self, addrs: list[IPAddress], host: str, port: int
     ) -> tuple[socket.socket, IPAddress]:
         """Connect to the first of the checked addresses that answers."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         timed_out, last_error = False, None
         for addr in addrs:
             family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
@@ -1167,7 +1168,7 @@ class Gateway:
         """_dial for a plain-HTTP request: the connection as a _Stream (the loop's own
         connect; a numeric address is never looked up), each attempt within the
         exchange's "connect" limit."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         deadlines = ex.deadlines
         timed_out, last_error = False, None
         for addr in addrs:
@@ -1219,7 +1220,7 @@ class Gateway:
         reader: RequestReader,
         ex: _Exchange,
     ) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         await loop.sock_sendall(client, http.CONNECT_ESTABLISHED)
         ex.responded, ex.record.status = True, 200
         early = reader.trailing_data()  # a client may send its TLS hello without waiting
@@ -1336,7 +1337,7 @@ class Gateway:
         """Run both pumps until `down` is done (and `up` too when `both`), an error, the
         idle timeout or the total timeout; cancel whatever is left. Without `up`, `down`
         runs in this task."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         pumps = [] if up is None else [loop.create_task(up), loop.create_task(down)]
         deadlines = ex.deadlines
         deadlines.relay(ex, self.config.idle_timeout, self.config.tunnel_total_timeout)
@@ -1376,7 +1377,7 @@ class Gateway:
         self, src: socket.socket, dst: socket.socket, moved: Callable[[int], None]
     ) -> None:
         """recv/send until EOF, then half-close `dst`."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         recv = _Receiver(src)
         while True:
             data = await recv()
@@ -1910,10 +1911,11 @@ class _Deadlines:
 
 def _read_ready(sock: socket.socket) -> bytes:
     """What has arrived on a new connection, without waiting (b"" for nothing yet, and
-    for an end or an error, which the transport then finds by itself)."""
-    sock.setblocking(False)
+    for an end or an error, which the transport then finds by itself). MSG_DONTWAIT
+    rather than setblocking(False): one ioctl less a connection (the transport makes
+    the socket non-blocking anyway)."""
     try:
-        return sock.recv(RECV_SIZE)
+        return sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
     except OSError:  # BlockingIOError (nothing yet) included
         return b""
 
