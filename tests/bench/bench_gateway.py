@@ -735,7 +735,7 @@ def main() -> int:
             f"\n   ({usage.text()})"
         )
         print(
-            f"   {'target':<14} {'median req/s':>12} {'range':>13} {'failed':>7} "
+            f"   {'target':<17} {'median req/s':>12} {'range':>13} {'failed':>7} "
             f"{'non-2xx':>8} {'proxy CPU':>10} {'proxy us/req':>12} {'of it sys':>9} "
             f"{'ab CPU':>7} {'upstream us/req':>15}"
         )
@@ -755,7 +755,7 @@ def main() -> int:
             pus = f"{proxy_cpu / reqs * 1e6:.0f}" if name != "direct" else "-"
             psys = f"{proxy_sys / reqs * 1e6:.0f}" if name != "direct" else "-"
             print(
-                f"   {name:<14} {med_rate[name]:>12.0f} {span(rps):>13} {failed:>7} {non2xx:>8} "
+                f"   {name:<17} {med_rate[name]:>12.0f} {span(rps):>13} {failed:>7} {non2xx:>8} "
                 f"{pcpu:>10} {pus:>12} {psys:>9} {ab_cpu / wall:>7.0%} "
                 f"{up_cpu / reqs * 1e6:>15.0f}"
             )
@@ -777,7 +777,7 @@ def main() -> int:
             f"target, interleaved request by request\n   ({usage.text()})"
         )
         print(
-            f"   {'target':<14} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+            f"   {'target':<17} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
             f"{'added p50':>10} {'added p99':>10}"
         )
         d50, d99 = pct(lat["direct"], 50), pct(lat["direct"], 99)
@@ -788,7 +788,7 @@ def main() -> int:
                 if name != "direct"
                 else f"{'-':>10} {'-':>10}"
             )
-            print(f"   {name:<14} {p50:>8.3f} {p90:>8.3f} {p99:>8.3f} {add}")
+            print(f"   {name:<17} {p50:>8.3f} {p90:>8.3f} {p99:>8.3f} {add}")
 
         with open(f"{b.tmp}/audit-splice-{processes}-metrics.jsonl") as f:
             audit_lines = sum(1 for _ in f)
