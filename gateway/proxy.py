@@ -312,7 +312,8 @@ class _Sandbox:
 
 class Gateway:
     """Serves every sandbox's egress from the running event loop (uvloop in the
-    runner; the default loop works too). With GatewayConfig.processes > 1 it also
+    runner; the default loop works too): it is made in that loop, and used only
+    there. With GatewayConfig.processes > 1 it also
     runs helper processes (gateway/workers.py); a helper's own Gateway is made with
     `link` (its channel to this one), the shared `table` and its process number."""
 
@@ -327,8 +328,8 @@ class Gateway:
         if not 1 <= config.processes <= MAX_PROCESSES:
             raise ValueError(f"gateway processes must be 1 to {MAX_PROCESSES}")
         self.config = config
-        # Made on its loop's thread, in the loop (asyncio's get_running_loop asks the
-        # kernel for the pid on every call in Python 3.11: ~6 times a request).
+        # Kept: Python 3.11's asyncio.get_running_loop() asks the kernel for the pid
+        # on every call (~6 times a request).
         self._loop = asyncio.get_running_loop()
         self._audit = AuditLog(config.audit_path)
         self._audit_flush_due = False
